@@ -1,0 +1,44 @@
+# `make run`: set up, run the pipeline (dvc repro), then serve the champion model on port 3000.
+# `make test`: set up, run the whole test suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export DATA_MIRROR ?=
+PORT ?= 3000
+
+.PHONY: run test install pipeline serve bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+.dvc:
+	test -d .git || git init -q
+	$(BIN)/dvc init -q || $(BIN)/dvc init -q --no-scm
+	$(BIN)/dvc config core.autostage true
+
+pipeline: install .dvc
+	$(BIN)/dvc repro
+
+run: pipeline
+	$(MAKE) serve
+
+serve: install
+	@if [ -f service/service.py ]; then \
+	  $(BIN)/bentoml serve service.service:Classifier --port $(PORT); \
+	else echo "make run: the service does not exist yet; the pipeline is done"; fi
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python bench/train_throughput.py
+
+clean:
+	rm -rf outputs checkpoints data/prepared

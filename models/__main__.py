@@ -1,0 +1,18 @@
+"""`python -m models`: list the registered architectures with parameters and MACs per input shape."""
+from . import create_model, list_models, summarize
+
+SHAPES = {"1x28x28": (1, 28), "3x32x32": (3, 32)}
+
+
+def main() -> None:
+    print(f"{'model':<12}" + "".join(f"{'params ' + k:>20}{'MACs ' + k:>18}" for k in SHAPES))
+    for name in list_models():
+        row = f"{name:<12}"
+        for channels, size in SHAPES.values():
+            s = summarize(create_model(name, channels, 10, size), (channels, size, size))
+            row += f"{s['num_params']:>20,}{s['macs']:>18,}"
+        print(row)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""DVC pipeline stages: download -> train -> evaluate -> export -> promote -> package."""

@@ -1,0 +1,514 @@
+"""Train stage: one architecture on the prepared dataset, logged to MLflow, resumable, DDP-ready.
+
+    python -m pipeline.train --arch cnn
+    torchrun --nproc_per_node 2 -m pipeline.train --arch cnn      # DistributedDataParallel
+
+Fast data path: the whole uint8 dataset lives in memory (on the GPU when training there); batches
+are index slices; augmentation is one batched affine warp; inputs and weights are channels_last.
+
+Outputs (`outputs/<arch>/`): model.pt (weights + everything the later stages need), metrics.json,
+history.csv (per-epoch curves, a DVC plot), curves.png. A checkpoint is written atomically after
+every epoch to `checkpoints/<arch>/last.pt`; a re-run with the same params resumes from it.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from models import create_model, summarize
+
+from . import atomic, tracking
+from .download import Split, load_card, load_prepared, stratified_split
+from .params import AugmentParams, Params, ParamsError, TrainParams, load_params
+from .paths import PREPARED_DIR, arch_dir, checkpoint_path
+
+
+# --- distributed context ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_kind: str) -> DistContext:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): gloo on CPU, nccl on GPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistContext()
+    ctx = DistContext(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    if device_kind == "cuda":
+        torch.cuda.set_device(ctx.local_rank)
+    dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+    return ctx
+
+
+# --- devices and precision --------------------------------------------------------------------------
+
+def resolve_device(p: TrainParams, local_rank: int = 0) -> torch.device:
+    if p.device == "cuda" and not torch.cuda.is_available():
+        raise ParamsError("params: train.device = 'cuda' but no CUDA device is available")
+    if p.device == "cuda" or (p.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def amp_dtype(p: TrainParams, device: torch.device) -> torch.dtype | None:
+    """Mixed precision on CUDA only: bf16 where the GPU supports it (no loss scaling needed), else fp16."""
+    if device.type != "cuda" or p.amp == "off":
+        return None
+    if p.amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[p.amp]
+
+
+def configure_threads(ctx: DistContext) -> None:
+    """Split the cores between the processes of this node so they don't oversubscribe the CPU."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+
+
+# --- data on the device -----------------------------------------------------------------------------
+
+@dataclass
+class DeviceData:
+    """A split held on the training device: uint8 images [N, C, H, W] and int64 labels [N]."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    @classmethod
+    def from_split(cls, split: Split, device: torch.device) -> "DeviceData":
+        return cls(torch.from_numpy(split.images).to(device), torch.from_numpy(split.labels).to(device))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def random_affine(x: torch.Tensor, aug: AugmentParams, gen: torch.Generator) -> torch.Tensor:
+    """One random rotation / translation / horizontal flip per image, as a single batched warp.
+
+    x: float [B, C, H, W] on the 0..1 scale; areas moved in from outside the image are 0 (black).
+    A translation of t pixels is 2t/W in affine_grid's normalized coordinates.
+    """
+    b, _, h, w = x.shape
+    rand = lambda *shape: torch.rand(*shape, generator=gen, device=gen.device)  # noqa: E731
+    angle = (rand(b) * 2 - 1) * math.radians(aug.rotate_degrees)
+    flip = torch.where(rand(b) < 0.5, -1.0, 1.0) if aug.hflip else torch.ones(b, device=gen.device)
+    shift = torch.floor(rand(b, 2) * (2 * aug.translate + 1)) - aug.translate  # integer pixels
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([
+        torch.stack([cos * flip, -sin, shift[:, 0] * 2 / w], dim=1),
+        torch.stack([sin * flip, cos, shift[:, 1] * 2 / h], dim=1),
+    ], dim=1).to(x.device)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+class BatchMaker:
+    """Turns uint8 batches into normalized float inputs: (x / 255 - mean) / std, per channel."""
+
+    def __init__(self, mean: list[float], std: list[float], device: torch.device, channels_last: bool):
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, images: torch.Tensor, aug: AugmentParams | None = None, gen=None) -> torch.Tensor:
+        x = images.float().div_(255)
+        if aug is not None and aug.enabled:
+            x = random_affine(x, aug, gen)
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=self.memory_format)
+
+
+def epoch_indices(n: int, epoch: int, seed: int, ctx: DistContext, device: torch.device) -> torch.Tensor:
+    """This rank's share of a permutation that depends only on (seed, epoch): resumable and DDP-safe."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=gen)
+    return order[ctx.rank::ctx.world_size].to(device)
+
+
+# --- optimization -----------------------------------------------------------------------------------
+
+def make_optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
+    """Weight decay on weights of conv and linear layers only, not on biases and norm scales."""
+    decay = [t for t in model.parameters() if t.requires_grad and t.ndim > 1]
+    no_decay = [t for t in model.parameters() if t.requires_grad and t.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if p.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=p.lr, momentum=p.momentum, nesterov=p.nesterov and p.momentum > 0)
+    return torch.optim.AdamW(groups, lr=p.lr)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, p: TrainParams, steps_per_epoch: int):
+    total = p.epochs * steps_per_epoch
+    warmup = int(total * p.warmup_fraction)
+    if p.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=total,
+                                                   pct_start=max(p.warmup_fraction, 1e-3), cycle_momentum=False)
+
+    def factor(step: int) -> float:  # linear warm-up, then cosine to zero (or constant)
+        if step < warmup:
+            return (step + 1) / warmup
+        if p.schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+# --- one epoch --------------------------------------------------------------------------------------
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float
+    images: int
+    seconds: float
+
+    @property
+    def images_per_sec(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+def _reduce(values: list[float], ctx: DistContext, device: torch.device) -> list[float]:
+    """Sum per-rank counters across processes (float64 so counts stay exact)."""
+    if not ctx.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", unit_scale=True, leave=False, dynamic_ncols=True)
+
+
+def train_epoch(model, data: DeviceData, make_batch: BatchMaker, opt, sched, loss_fn, p: TrainParams,
+                epoch: int, dataset: str, ctx: DistContext, autocast_dtype, scaler, show_progress: bool) -> EpochStats:
+    model.train()
+    device = data.images.device
+    indices = epoch_indices(len(data), epoch, p.seed, ctx, device)
+    batch = max(1, p.batch_size // ctx.world_size)  # global batch = train.batch_size
+    steps = len(data) // ctx.world_size // batch  # whole batches from the smallest shard: equal on every rank
+    aug = p.augment_for(dataset)
+    gen = torch.Generator(device=device).manual_seed(p.seed * 7919 + epoch * 31 + ctx.rank)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    bar = progress_bar(steps * batch, f"epoch {epoch + 1}/{p.epochs}", show_progress and ctx.is_main)
+    start = time.perf_counter()
+    for step in range(steps):
+        idx = indices[step * batch:(step + 1) * batch]
+        x, y = make_batch(data.images[idx], aug, gen), data.labels[idx]
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(x)
+            loss = loss_fn(logits, y)
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        sched.step()
+        loss_sum += loss.detach().double() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        if bar is not None:
+            bar.update(len(y))
+            if step % 20 == 0:
+                seen = (step + 1) * batch
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    total_loss, total_correct, images = _reduce([loss_sum.item(), float(correct.item()), float(steps * batch)],
+                                                ctx, device)
+    return EpochStats(total_loss / max(images, 1), total_correct / max(images, 1), int(images), seconds)
+
+
+@torch.no_grad()
+def evaluate(model, data: DeviceData, make_batch: BatchMaker, ctx: DistContext = DistContext(),
+             batch_size: int = 1024, autocast_dtype=None) -> EpochStats:
+    """Loss and accuracy over `data` (each rank takes a strided share; the sums are all-reduced)."""
+    model.eval()
+    device = data.images.device
+    indices = torch.arange(ctx.rank, len(data), ctx.world_size, device=device)
+    loss_sum, correct = 0.0, 0
+    start = time.perf_counter()
+    for begin in range(0, len(indices), batch_size):
+        idx = indices[begin:begin + batch_size]
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(make_batch(data.images[idx]))
+        loss_sum += F.cross_entropy(logits.float(), data.labels[idx], reduction="sum").item()
+        correct += (logits.argmax(1) == data.labels[idx]).sum().item()
+    seconds = time.perf_counter() - start
+    total_loss, total_correct, n = _reduce([loss_sum, float(correct), float(len(indices))], ctx, device)
+    return EpochStats(total_loss / max(n, 1), total_correct / max(n, 1), int(n), seconds)
+
+
+# --- checkpoints ------------------------------------------------------------------------------------
+
+def fingerprint(config: dict) -> str:
+    """Identifies the training configuration a checkpoint belongs to."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    def write(tmp: Path) -> None:
+        torch.save(state, tmp)
+
+    atomic.atomic_write(path, write)
+
+
+def load_checkpoint(path: Path, expected_fingerprint: str) -> dict | None:
+    """The checkpoint at `path` if it is readable and belongs to this configuration, else None."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001  (truncated or foreign file: train from scratch)
+        print(f"train: ignoring unreadable checkpoint {path}: {err}", file=sys.stderr)
+        return None
+    if state.get("fingerprint") != expected_fingerprint:
+        print(f"train: checkpoint {path} is for other params; starting from scratch", file=sys.stderr)
+        return None
+    return state
+
+
+# --- the whole run ----------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    arch: str
+    history: list[dict]
+    val: EpochStats
+    seconds: float
+    device: str
+    summary: dict
+    run_id: str
+    resumed_from_epoch: int
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def train(arch: str, params: Params, *, prepared_dir: Path = PREPARED_DIR, out_dir: Path | None = None,
+          ckpt_path: Path | None = None, ctx: DistContext = DistContext(), show_progress: bool = True,
+          stop_after_epochs: int | None = None) -> TrainResult:
+    """Train `arch` end to end: data, model, loop, checkpoints, MLflow run, outputs (rank 0 writes)."""
+    p = params.train_for(arch)
+    spec = params.models[arch]
+    out_dir = out_dir or arch_dir(arch)
+    ckpt_path = ckpt_path or checkpoint_path(arch)
+    device = resolve_device(p, ctx.local_rank)
+    torch.manual_seed(p.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    card = load_card(prepared_dir)
+    train_split, val_split = stratified_split(load_prepared("train", prepared_dir), p.val_fraction, p.seed)
+    train_data, val_data = DeviceData.from_split(train_split, device), DeviceData.from_split(val_split, device)
+    channels, size, num_classes = card["channels"], card["image_size"], card["num_classes"]
+
+    model = create_model(arch, channels, num_classes, size, **spec.kwargs)
+    summary = summarize(model, (channels, size, size))
+    memory_format = torch.channels_last if p.channels_last else torch.contiguous_format
+    model = model.to(device=device, memory_format=memory_format)
+    make_batch = BatchMaker(card["mean"], card["std"], device, p.channels_last)
+
+    config = {"arch": arch, "kwargs": spec.kwargs, "train": dataclasses.asdict(p), "world_size": ctx.world_size,
+              "data_sha256": card["splits"]["train"]["sha256"]}
+    steps_per_epoch = len(train_data) // ctx.world_size // max(1, p.batch_size // ctx.world_size)
+    if steps_per_epoch < 1:
+        raise ParamsError(f"params: train.batch_size = {p.batch_size} is larger than the training split "
+                          f"({len(train_data)} images)")
+    opt = make_optimizer(model, p)
+    sched = make_scheduler(opt, p, steps_per_epoch)
+    autocast_dtype = amp_dtype(p, device)
+    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
+
+    state = load_checkpoint(ckpt_path, fingerprint(config))
+    start_epoch, history = 0, []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, history = state["epoch"], list(state["history"])
+    resumed_from = start_epoch
+    if ctx.enabled:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if device.type == "cuda" else None)
+
+    run = tracking.NullRun()
+    if ctx.is_main:
+        run = tracking.start_run(p.experiment, arch, tags={"stage": "train", "arch": arch, "dataset": card["dataset"]},
+                                 resume_run_id=state.get("mlflow_run_id") if state else None)
+        run.log_params({"arch": arch, "model_kwargs": json.dumps(spec.kwargs), **dataclasses.asdict(p),
+                        "dataset": card["dataset"], "device": str(device), "world_size": ctx.world_size,
+                        "amp": str(autocast_dtype).replace("torch.", "") if autocast_dtype else "off",
+                        "num_params": summary["num_params"], "macs": summary["macs"]})
+        run.log_dict(card, "dataset_card.json")
+        run.log_dict({**summary, "architecture": repr(unwrap(model))}, "model_summary.json")
+        if resumed_from:
+            print(f"train: {arch}: resuming from checkpoint {ckpt_path} after epoch {resumed_from}", flush=True)
+    print(f"train: {arch} on {device} ({'AMP ' + str(autocast_dtype) if autocast_dtype else 'fp32'}), "
+          f"{summary['num_params']:,} params, {summary['macs']:,} MACs/image, "
+          f"{len(train_data)} train / {len(val_data)} val images, world size {ctx.world_size}", flush=True) \
+        if ctx.is_main else None
+
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
+    t0 = time.perf_counter()
+    epochs_run = 0
+    for epoch in range(start_epoch, p.epochs):
+        lr = opt.param_groups[0]["lr"]
+        stats = train_epoch(model, train_data, make_batch, opt, sched, loss_fn, p, epoch, card["dataset"], ctx,
+                            autocast_dtype, scaler, show_progress)
+        val = evaluate(model, val_data, make_batch, ctx, autocast_dtype=autocast_dtype)
+        row = {"epoch": epoch + 1, "train_loss": round(stats.loss, 5), "train_acc": round(stats.accuracy, 5),
+               "val_loss": round(val.loss, 5), "val_acc": round(val.accuracy, 5), "lr": lr,
+               "images_per_sec": round(stats.images_per_sec, 1), "epoch_seconds": round(stats.seconds, 2)}
+        history.append(row)
+        if ctx.is_main:
+            print(f"train: {arch} epoch {epoch + 1}/{p.epochs}  loss {stats.loss:.4f}  acc {stats.accuracy:.4f}  "
+                  f"val_loss {val.loss:.4f}  val_acc {val.accuracy:.4f}  lr {lr:.4g}  "
+                  f"{stats.images_per_sec:,.0f} img/s  {stats.seconds:.1f}s", flush=True)
+            run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+            save_checkpoint(ckpt_path, {
+                "model": unwrap(model).state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else {}, "epoch": epoch + 1,
+                "params": config, "fingerprint": fingerprint(config), "history": history,
+                "mlflow_run_id": run.run_id,
+            })
+        if ctx.enabled:
+            dist.barrier()  # nobody runs ahead of the checkpoint
+        epochs_run += 1
+        if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
+            break
+
+    val = evaluate(model, val_data, make_batch, ctx, autocast_dtype=autocast_dtype)
+    result = TrainResult(arch, history, val, time.perf_counter() - t0, str(device), summary, run.run_id, resumed_from)
+    if ctx.is_main and len(history) == p.epochs:
+        write_outputs(out_dir, unwrap(model), result, card, arch, spec.kwargs, p)
+        run.log_artifacts([out_dir / "metrics.json", out_dir / "history.csv", out_dir / "curves.png"], "train")
+        run.log_metrics({"final_val_acc": val.accuracy, "final_val_loss": val.loss, "train_seconds": result.seconds})
+        run.finish()
+        ckpt_path.unlink(missing_ok=True)  # complete: the next run with other params starts clean
+    return result
+
+
+def write_outputs(out_dir: Path, model: nn.Module, result: TrainResult, card: dict, arch: str, kwargs: dict,
+                  p: TrainParams) -> None:
+    """model.pt, metrics.json, history.csv, curves.png: each written atomically."""
+    model_file = {
+        "arch": arch, "kwargs": kwargs, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "in_channels": card["channels"], "image_size": card["image_size"], "num_classes": card["num_classes"],
+        "classes": card["classes"], "mean": card["mean"], "std": card["std"], "dataset": card["dataset"],
+        "mlflow_run_id": result.run_id, "num_params": result.summary["num_params"], "macs": result.summary["macs"],
+    }
+    save_checkpoint(out_dir / "model.pt", model_file)
+    speeds = [row["images_per_sec"] for row in result.history]
+    atomic.write_json(out_dir / "metrics.json", {
+        "val_acc": round(result.val.accuracy, 5), "val_loss": round(result.val.loss, 5),
+        "train_acc": result.history[-1]["train_acc"], "epochs": p.epochs,
+        "train_images_per_sec": round(float(np.median(speeds)), 1), "train_seconds": round(result.seconds, 1),
+        "num_params": result.summary["num_params"], "macs": result.summary["macs"], "device": result.device,
+    })
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(result.history[0]))
+    writer.writeheader()
+    writer.writerows(result.history)
+    atomic.write_text(out_dir / "history.csv", buf.getvalue())
+    atomic.write_bytes(out_dir / "curves.png", plot_curves(result.history, arch))
+
+
+def plot_curves(history: list[dict], title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for key, label in (("train_loss", "train"), ("val_loss", "val")):
+        ax_loss.plot(epochs, [row[key] for row in history], marker="o", label=label)
+    for key, label in (("train_acc", "train"), ("val_acc", "val")):
+        ax_acc.plot(epochs, [row[key] for row in history], marker="o", label=label)
+    ax_loss.set(title=f"{title}: loss", xlabel="epoch")
+    ax_acc.set(title=f"{title}: accuracy", xlabel="epoch")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Train one architecture of the model zoo.")
+    parser.add_argument("--arch", required=True, help="a name under `models:` in params.yaml")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--stop-after-epochs", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)
+        p = params.train_for(args.arch)
+        device = resolve_device(p)
+        if not (PREPARED_DIR / "card.json").is_file():
+            raise ParamsError(f"no prepared dataset in {PREPARED_DIR}: run `python -m pipeline.download` first")
+        create_model(args.arch, 1, 10, 28, **params.models[args.arch].kwargs)  # bad kwargs fail before any work
+    except (ParamsError, ValueError) as err:
+        print(f"train: error: {err}", file=sys.stderr)
+        return 2
+    ctx = init_distributed(device.type)
+    if device.type == "cpu":
+        configure_threads(ctx)
+    try:
+        train(args.arch, params, ctx=ctx, stop_after_epochs=args.stop_after_epochs)
+    except tracking.TrackingError as err:
+        print(f"train: error: {err}", file=sys.stderr)
+        return 3
+    finally:
+        if ctx.enabled:
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
