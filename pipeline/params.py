@@ -119,10 +119,52 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class EvaluateParams:
+    """Section `evaluate`."""
+
+    top_k: int = 5
+
+    def __post_init__(self):
+        _check(self.top_k >= 1, "evaluate.top_k", self.top_k, ">= 1")
+
+
+@dataclass(frozen=True)
+class ExportParams:
+    """Section `export`: ONNX export and its parity gate against PyTorch."""
+
+    opset: int = 17
+    parity_atol: float = 1e-4  # max |logit difference| allowed between ONNX Runtime and PyTorch
+
+    def __post_init__(self):
+        _check(9 <= self.opset <= 23, "export.opset", self.opset, "an ONNX opset in 9..23")
+        _check(self.parity_atol > 0, "export.parity_atol", self.parity_atol, "> 0")
+
+
+@dataclass(frozen=True)
+class PromoteParams:
+    """Section `promote`: registry name and the champion/challenger gate."""
+
+    registered_model: str = "image-classifier"
+    metric: str = "test_acc"  # higher is better
+    tie_break: str = "latency_ms_batch1"  # lower is better
+    margin: float = 0.0  # a candidate must beat the champion's metric by more than this
+
+    def __post_init__(self):
+        import re
+
+        _check(bool(re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,62}", self.registered_model)), "promote.registered_model",
+               self.registered_model, "lowercase letters, digits, '-', '_', '.' (it is also the BentoML model name)")
+        _check(self.margin >= 0, "promote.margin", self.margin, ">= 0")
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
     train: TrainParams = field(default_factory=TrainParams)
     models: dict[str, ModelSpec] = field(default_factory=dict)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    export: ExportParams = field(default_factory=ExportParams)
+    promote: PromoteParams = field(default_factory=PromoteParams)
 
     def __post_init__(self):
         from models import list_models  # imported late: params are loaded before torch is needed

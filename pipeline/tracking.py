@@ -24,8 +24,12 @@ def tracking_uri() -> str:
 
 
 def default_artifact_root() -> str | None:
-    """Artifacts beside the embedded store; a server (team mode) decides for itself."""
-    return None if os.environ.get("MLFLOW_TRACKING_URI") else (REPO_ROOT / "mlartifacts").as_uri()
+    """Artifacts beside a SQLite store's file (absolute, whatever the working directory); a tracking
+    server (team mode) decides for itself."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    return None
 
 
 def client():
@@ -153,3 +157,106 @@ def log_dataset_card(experiment: str, card: dict) -> str:
     run.log_dict(card, "dataset_card.json")
     run.finish()
     return run.run_id
+
+
+# --- model registry ---------------------------------------------------------------------------------
+
+def log_onnx_model(run_id: str, onnx_path: str | Path, input_example, metadata: dict[str, str]) -> str:
+    """Log the ONNX file as an MLflow model of the training run (signature + input example); its URI."""
+    import mlflow
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from mlflow.models import infer_signature
+
+    client()
+    import logging
+
+    ort.set_default_logger_severity(3)  # MLflow's input-example check tries CUDA first; the miss is not news
+    logging.getLogger("mlflow.onnx").setLevel(logging.ERROR)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    output = session.run(None, {session.get_inputs()[0].name: input_example})[0]
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="onnx-model",
+                                     signature=infer_signature(input_example, np.asarray(output)),
+                                     input_example=input_example, metadata=metadata, save_as_external_data=False)
+    return info.model_uri
+
+
+def _version_dict(v, aliases: dict[str, str]) -> dict:
+    return {"version": str(v.version), "run_id": v.run_id, "source": v.source, "tags": dict(v.tags),
+            "aliases": sorted(a for a, ver in aliases.items() if str(ver) == str(v.version)),
+            "created": v.creation_timestamp}
+
+
+def model_aliases(name: str) -> dict[str, str]:
+    """alias -> version, read from the registered model (search results carry no aliases: mlflow#16734)."""
+    try:
+        return {alias: str(version) for alias, version in client().get_registered_model(name).aliases.items()}
+    except Exception:  # noqa: BLE001  (no such registered model yet)
+        return {}
+
+
+def list_versions(name: str) -> list[dict]:
+    c = client()
+    aliases = model_aliases(name)
+    versions = c.search_model_versions(f"name='{name}'")
+    return sorted((_version_dict(v, aliases) for v in versions), key=lambda d: int(d["version"]))
+
+
+def get_version(name: str, version: str) -> dict:
+    return _version_dict(client().get_model_version(name, str(version)), model_aliases(name))
+
+
+def version_by_alias(name: str, alias: str) -> dict | None:
+    try:
+        return _version_dict(client().get_model_version_by_alias(name, alias), model_aliases(name))
+    except Exception:  # noqa: BLE001  (alias or model missing)
+        return None
+
+
+def register_version(name: str, model_uri: str, run_id: str, tags: dict[str, str]) -> str:
+    """A new version of registered model `name` (created on first use); returns its number."""
+    from mlflow.exceptions import MlflowException
+
+    c = client()
+    try:
+        c.create_registered_model(name, description="Image classifiers exported to ONNX by the DVC pipeline.")
+    except MlflowException as err:
+        if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
+            raise
+    version = c.create_model_version(name, model_uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()})
+    return str(version.version)
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    client().set_registered_model_alias(name, alias, str(version))
+
+
+def delete_alias(name: str, alias: str) -> None:
+    client().delete_registered_model_alias(name, alias)
+
+
+def set_version_tags(name: str, version: str, tags: dict[str, Any]) -> None:
+    c = client()
+    for key, value in tags.items():
+        c.set_model_version_tag(name, str(version), key, str(value))
+
+
+def model_tags(name: str) -> dict[str, str]:
+    try:
+        return dict(client().get_registered_model(name).tags)
+    except Exception:  # noqa: BLE001
+        return {}
+
+
+def set_model_tag(name: str, key: str, value: str) -> None:
+    client().set_registered_model_tag(name, key, value)
+
+
+def download_version(name: str, version: str, dest: str | Path) -> Path:
+    """The version's MLflow model folder (holding model.onnx) downloaded under `dest`."""
+    import mlflow
+
+    client()
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dest)))

@@ -442,11 +442,10 @@ def write_outputs(out_dir: Path, model: nn.Module, result: TrainResult, card: di
     }
     save_checkpoint(out_dir / "model.pt", model_file)
     speeds = [row["images_per_sec"] for row in result.history]
-    atomic.write_json(out_dir / "metrics.json", {
+    atomic.write_json(out_dir / "metrics.json", {  # the DVC metrics file: a few scalars, one table row
         "val_acc": round(result.val.accuracy, 5), "val_loss": round(result.val.loss, 5),
-        "train_acc": result.history[-1]["train_acc"], "epochs": p.epochs,
+        "train_acc": result.history[-1]["train_acc"],
         "train_images_per_sec": round(float(np.median(speeds)), 1), "train_seconds": round(result.seconds, 1),
-        "num_params": result.summary["num_params"], "macs": result.summary["macs"], "device": result.device,
     })
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(result.history[0]))

@@ -1,0 +1,142 @@
+"""Export stage: ONNX with a dynamic batch axis and the model's metadata, behind a parity gate.
+
+    python -m pipeline.export --arch cnn
+
+The gate runs ONNX Runtime and PyTorch over the whole test split; the stage fails (exit 1, no
+output) unless max |logit difference| <= export.parity_atol and top-1 agrees on every image. The
+metadata keys are the contract the service reads (docs/model-contract.md).
+Outputs (`exports/<arch>/`): model.onnx, export.json (parity figures).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from . import atomic, tracking
+from .download import load_card, load_prepared
+from .modelfile import load_model_file, normalize, predict_logits
+from .params import ParamsError, load_params
+from .paths import PREPARED_DIR, arch_dir
+
+EXPORTS_DIR = Path("exports")
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+def export_dir(arch: str) -> Path:
+    return EXPORTS_DIR / arch
+
+
+def onnx_metadata(meta: dict) -> dict[str, str]:
+    """The model contract: everything the service needs to preprocess and label (all strings)."""
+    return {
+        "classes": json.dumps(meta["classes"]), "in_channels": str(meta["in_channels"]),
+        "image_size": str(meta["image_size"]), "mean": json.dumps(meta["mean"]), "std": json.dumps(meta["std"]),
+        "arch": meta["arch"], "dataset": meta["dataset"], "mlflow_run_id": meta["mlflow_run_id"],
+        "num_params": str(meta["num_params"]), "resize": "bilinear",
+    }
+
+
+def export_onnx(model: torch.nn.Module, meta: dict, opset: int) -> onnx.ModelProto:
+    """Trace to ONNX (dynamic batch axis), check it, infer shapes and embed the metadata."""
+    sample = torch.zeros(2, meta["in_channels"], meta["image_size"], meta["image_size"])
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(model.eval(), (sample,), buf, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                          opset_version=opset, dynamo=False)
+    proto = onnx.load_from_string(buf.getvalue())
+    onnx.checker.check_model(proto, full_check=True)
+    proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    for key, value in onnx_metadata(meta).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name, proto.doc_string = "image-classifier-platform", f"{meta['arch']} trained on {meta['dataset']}"
+    return proto
+
+
+def onnx_logits(model_bytes: bytes, inputs: torch.Tensor, batch_size: int = 1000) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    x = inputs.numpy()
+    return np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: x[i:i + batch_size]})[0]
+                           for i in range(0, len(x), batch_size)])
+
+
+def parity_check(model_bytes: bytes, model: torch.nn.Module, meta: dict, images: np.ndarray, labels: np.ndarray,
+                 atol: float) -> dict:
+    """ONNX Runtime vs PyTorch on every image: max |logit diff|, top-1 agreement, both accuracies."""
+    torch_logits = predict_logits(model, images, meta["mean"], meta["std"]).numpy()
+    ort_logits = onnx_logits(model_bytes, normalize(torch.as_tensor(images), meta["mean"], meta["std"]))
+    max_diff = float(np.abs(torch_logits - ort_logits).max())
+    agree = torch_logits.argmax(1) == ort_logits.argmax(1)
+    report = {
+        "max_abs_logit_diff": max_diff, "parity_atol": atol,
+        "top1_agreement": float(agree.mean()), "top1_disagreements": int((~agree).sum()),
+        "onnx_test_acc": round(float((ort_logits.argmax(1) == labels).mean()), 5),
+        "torch_test_acc": round(float((torch_logits.argmax(1) == labels).mean()), 5),
+        "images": int(len(labels)),
+    }
+    report["passed"] = bool(max_diff <= atol and agree.all())
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Export a trained model to ONNX behind a parity gate.")
+    parser.add_argument("--arch", required=True)
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    out = export_dir(args.arch)
+    try:
+        params = load_params(args.params)
+        params.train_for(args.arch)
+        model, meta = load_model_file(arch_dir(args.arch) / "model.pt")
+        eval_metrics = json.loads((arch_dir(args.arch) / "eval" / "metrics.json").read_text())
+    except (ParamsError, FileNotFoundError) as err:
+        print(f"export: error: {err}", file=sys.stderr)
+        return 2
+    proto = export_onnx(model, meta, params.export.opset)
+    model_bytes = proto.SerializeToString()
+    test = load_prepared("test", PREPARED_DIR)
+    report = parity_check(model_bytes, model, meta, test.images, test.labels, params.export.parity_atol)
+    report.update(opset=params.export.opset, onnx_sha256=hashlib.sha256(model_bytes).hexdigest(),
+                  evaluate_test_acc=eval_metrics["test_acc"],
+                  test_set_sha256=load_card(PREPARED_DIR)["splits"]["test"]["sha256"])
+    if report["onnx_test_acc"] != eval_metrics["test_acc"]:
+        report["passed"] = False
+        report["failure"] = f"ONNX accuracy {report['onnx_test_acc']} != evaluate stage's {eval_metrics['test_acc']}"
+    print(f"export: {args.arch}: parity over {report['images']} test images: max |logit diff| "
+          f"{report['max_abs_logit_diff']:.2e} (limit {params.export.parity_atol:.0e}), top-1 agreement "
+          f"{report['top1_agreement']:.4%}, ONNX test_acc {report['onnx_test_acc']:.4f} "
+          f"(evaluate: {eval_metrics['test_acc']:.4f}) -> {'PASS' if report['passed'] else 'FAIL'}")
+    run = tracking.open_run(meta["mlflow_run_id"])
+    run.log_metrics({f"parity_{k}": v for k, v in report.items() if isinstance(v, (int, float))})
+    run.set_tags({"parity_passed": str(report["passed"]).lower()})
+    if not report["passed"]:
+        shutil.rmtree(out, ignore_errors=True)  # no stale model.onnx for a later stage to pick up
+        print(f"export: error: {args.arch} failed the parity gate; nothing written", file=sys.stderr)
+        return 1
+    with atomic.atomic_dir(out) as tmp:
+        (tmp / "model.onnx").write_bytes(model_bytes)
+        evaluation = {k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))}
+        summary = {**report, "arch": args.arch, "evaluation": evaluation, "metadata": onnx_metadata(meta)}
+        (tmp / "export.json").write_text(json.dumps(summary, indent=2) + "\n")
+        parity = {k: report[k] for k in ("max_abs_logit_diff", "top1_agreement", "onnx_test_acc")}
+        (tmp / "parity.json").write_text(json.dumps(parity, indent=2) + "\n")  # DVC metrics: scalars only
+    run.log_artifacts([out / "export.json"], "export")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""The trained-model file (`outputs/<arch>/model.pt`) that evaluate and export read."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models import create_model
+
+
+def load_model_file(path: str | Path) -> tuple[nn.Module, dict]:
+    """(model in eval mode on the CPU, the file's metadata without the weights); weights_only=True."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no trained model at {path}: run the train stage first")
+    info = torch.load(path, map_location="cpu", weights_only=True)
+    model = create_model(info["arch"], info["in_channels"], info["num_classes"], info["image_size"], **info["kwargs"])
+    model.load_state_dict(info["state_dict"])
+    meta = {k: v for k, v in info.items() if k != "state_dict"}
+    return model.eval(), meta
+
+
+def normalize(images_u8: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """uint8 [N, C, H, W] -> float32 (x / 255 - mean) / std, the same arithmetic as training and serving."""
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (images_u8.float() / 255 - m) / s
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images_u8, mean, std, batch_size: int = 1000) -> torch.Tensor:
+    """Float32 logits [N, num_classes] for uint8 images [N, C, H, W] (a numpy array or a tensor)."""
+    images = torch.as_tensor(images_u8)
+    outs = [model(normalize(images[i:i + batch_size], mean, std)) for i in range(0, len(images), batch_size)]
+    return torch.cat(outs).float()

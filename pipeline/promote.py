@@ -1,0 +1,255 @@
+"""Register exported models in the MLflow Model Registry and promote the best by alias.
+
+    python -m pipeline.promote                 # the DVC stage: register every export, run the gate
+    python -m pipeline.promote list            # versions with metrics and aliases
+    python -m pipeline.promote set 3 [--alias champion]   # promote a version by hand
+    python -m pipeline.promote rollback        # champion back to the previous champion
+
+Champion/challenger gate: the best candidate (promote.metric, higher is better; tie-break
+promote.tie_break, lower is better) becomes `champion` only if it beats the current champion by more
+than promote.margin on the same test set; otherwise it becomes `challenger`. Every decision and
+alias change is recorded as tags (on the version, and an audit trail on the registered model).
+Versions that failed the parity gate are refused.
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import atomic, tracking
+from .download import load_card, load_prepared
+from .export import EXPORTS_DIR, onnx_logits
+from .params import ParamsError, PromoteParams, load_params
+from .paths import PREPARED_DIR
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+RELEASE_DIR = Path("release")
+HISTORY_LIMIT = 40  # audit entries kept in the registered model's tag
+
+
+class PromotionError(RuntimeError):
+    pass
+
+
+@dataclass
+class Candidate:
+    arch: str
+    version: str
+    metric: float
+    tie_break: float
+    test_set_sha256: str
+
+
+# --- pure decision logic ----------------------------------------------------------------------------
+
+def rank_candidates(candidates: list[Candidate]) -> list[Candidate]:
+    """Best first: highest metric, then lowest tie-break value."""
+    return sorted(candidates, key=lambda c: (-c.metric, c.tie_break))
+
+
+def gate(best: Candidate, champion_version: str | None, champion_metric: float | None, margin: float) -> tuple[str, str]:
+    """(alias for `best`, the reason): champion only if it beats the champion by more than `margin`."""
+    if champion_version is None:
+        return CHAMPION, "no champion yet"
+    if champion_version == best.version:
+        return CHAMPION, f"version {best.version} is already the champion"
+    if best.metric > champion_metric + margin:
+        return CHAMPION, (f"{best.metric:.5f} beats champion v{champion_version}'s {champion_metric:.5f} "
+                          f"by more than the margin {margin}")
+    return CHALLENGER, (f"{best.metric:.5f} does not beat champion v{champion_version}'s {champion_metric:.5f} "
+                        f"by more than the margin {margin}")
+
+
+# --- registry side effects --------------------------------------------------------------------------
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _history(name: str) -> list[dict]:
+    return json.loads(tracking.model_tags(name).get("alias_history", "[]"))
+
+
+def _champion_stack(name: str) -> list[str]:
+    return json.loads(tracking.model_tags(name).get("champion_stack", "[]"))
+
+
+def record_alias_change(name: str, alias: str, version: str, reason: str, action: str) -> dict:
+    """Move `alias` to `version` and record who, when, why and what it replaced."""
+    previous = tracking.version_by_alias(name, alias)
+    entry = {"time": _now(), "action": action, "alias": alias, "version": str(version),
+             "previous": previous["version"] if previous else None, "reason": reason, "by": getpass.getuser()}
+    tracking.set_alias(name, alias, version)
+    tracking.set_version_tags(name, version, {f"{alias}.since": entry["time"], f"{alias}.reason": reason})
+    history = (_history(name) + [entry])[-HISTORY_LIMIT:]
+    tracking.set_model_tag(name, "alias_history", json.dumps(history))
+    return entry
+
+
+def require_parity(name: str, version: str) -> dict:
+    info = tracking.get_version(name, version)
+    if info["tags"].get("parity_passed") != "true":
+        raise PromotionError(f"version {version} of {name!r} did not pass the ONNX parity gate; refusing to promote it")
+    return info
+
+
+def promote_version(name: str, version: str, alias: str = CHAMPION, reason: str = "manual promotion") -> dict:
+    """Point `alias` at `version` by hand (refused for versions that failed the parity gate)."""
+    require_parity(name, version)
+    entry = record_alias_change(name, alias, version, reason, "promote")
+    if alias == CHAMPION:
+        stack = [v for v in _champion_stack(name) if v != str(version)] + [str(version)]
+        tracking.set_model_tag(name, "champion_stack", json.dumps(stack[-HISTORY_LIMIT:]))
+    return entry
+
+
+def rollback(name: str) -> dict:
+    """Champion back to the champion before the current one."""
+    stack = _champion_stack(name)
+    current = tracking.version_by_alias(name, CHAMPION)
+    if current is not None and stack and stack[-1] == current["version"]:
+        stack = stack[:-1]
+    if not stack:
+        raise PromotionError(f"{name!r} has no previous champion to roll back to")
+    target = stack[-1]
+    require_parity(name, target)
+    entry = record_alias_change(name, CHAMPION, target, f"rollback from v{current['version'] if current else '?'}",
+                                "rollback")
+    tracking.set_model_tag(name, "champion_stack", json.dumps(stack))
+    return entry
+
+
+def register_export(name: str, export_json: Path) -> tuple[str, dict]:
+    """Log and register one export (idempotent: an ONNX file already registered is not added twice)."""
+    report = json.loads(export_json.read_text())
+    if not report.get("passed"):
+        raise PromotionError(f"{export_json}: the export did not pass its parity gate")
+    for v in tracking.list_versions(name):
+        if v["tags"].get("onnx_sha256") == report["onnx_sha256"]:
+            return v["version"], report
+    meta = report["metadata"]
+    size, channels = int(meta["image_size"]), int(meta["in_channels"])
+    example = np.zeros((1, channels, size, size), dtype=np.float32)
+    uri = tracking.log_onnx_model(meta["mlflow_run_id"], export_json.parent / "model.onnx", example, meta)
+    evaluation = report["evaluation"]
+    tags = {"arch": report["arch"], "dataset": meta["dataset"], "onnx_sha256": report["onnx_sha256"],
+            "test_set_sha256": report["test_set_sha256"], "parity_passed": "true",
+            "parity_max_abs_logit_diff": report["max_abs_logit_diff"], "onnx_test_acc": report["onnx_test_acc"],
+            **{f"metric.{k}": v for k, v in evaluation.items()}}
+    version = tracking.register_version(name, uri, meta["mlflow_run_id"], tags)
+    return version, report
+
+
+def champion_metric_on(name: str, champion: dict, metric: str, test_sha: str) -> float:
+    """The champion's metric on the current test set: its tag when measured on it, else re-measured."""
+    tags = champion["tags"]
+    if tags.get("test_set_sha256") == test_sha and f"metric.{metric}" in tags:
+        return float(tags[f"metric.{metric}"])
+    if metric != "test_acc":
+        raise PromotionError(f"champion v{champion['version']} was measured on another test set and only "
+                             f"test_acc can be re-measured; cannot compare {metric!r}")
+    test = load_prepared("test", PREPARED_DIR)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = tracking.download_version(name, champion["version"], tmp)
+        import onnx
+
+        proto = onnx.load(str(folder / "model.onnx"))
+        meta = {p.key: p.value for p in proto.metadata_props}
+        x = (test.images.astype(np.float32) / 255 - np.array(json.loads(meta["mean"]), np.float32)[:, None, None]) \
+            / np.array(json.loads(meta["std"]), np.float32)[:, None, None]
+        import torch
+
+        logits = onnx_logits(proto.SerializeToString(), torch.from_numpy(x.astype(np.float32)))
+    return float((logits.argmax(1) == test.labels).mean())
+
+
+def auto_promote(p: PromoteParams, archs: list[str]) -> dict:
+    """The DVC stage: register every export, pick the best, run the champion/challenger gate."""
+    name = p.registered_model
+    test_sha = load_card(PREPARED_DIR)["splits"]["test"]["sha256"]
+    candidates, reports = [], {}
+    for arch in archs:
+        version, report = register_export(name, EXPORTS_DIR / arch / "export.json")
+        evaluation = report["evaluation"]
+        for key in (p.metric, p.tie_break):
+            if key not in evaluation:
+                raise PromotionError(f"params: promote metric {key!r} is not one of the evaluation metrics "
+                                     f"({', '.join(sorted(evaluation))})")
+        candidates.append(Candidate(arch, version, float(evaluation[p.metric]), float(evaluation[p.tie_break]),
+                                    report["test_set_sha256"]))
+        reports[arch] = {"version": version, p.metric: evaluation[p.metric], p.tie_break: evaluation[p.tie_break]}
+    best = rank_candidates(candidates)[0]
+    champion = tracking.version_by_alias(name, CHAMPION)
+    champ_metric = champion_metric_on(name, champion, p.metric, test_sha) if champion else None
+    alias, reason = gate(best, champion["version"] if champion else None, champ_metric, p.margin)
+    tracking.set_version_tags(name, best.version, {"decision": alias, "decision.reason": reason,
+                                                   "decision.time": _now()})
+    if not (champion and champion["version"] == best.version):
+        if alias == CHAMPION:
+            promote_version(name, best.version, CHAMPION, reason)
+        else:
+            record_alias_change(name, CHALLENGER, best.version, reason, "gate")
+    final_champion = tracking.version_by_alias(name, CHAMPION)
+    return {"registered_model": name, "metric": p.metric, "margin": p.margin, "candidates": reports,
+            "best": {"arch": best.arch, "version": best.version, p.metric: best.metric},
+            "previous_champion": {"version": champion["version"], p.metric: champ_metric} if champion else None,
+            "decision": alias, "reason": reason,
+            "champion": {"version": final_champion["version"], "arch": final_champion["tags"].get("arch"),
+                         "run_id": final_champion["run_id"]}}
+
+
+def format_versions(versions: list[dict], metric: str) -> str:
+    lines = [f"{'version':>7}  {'arch':<10} {metric:>9}  {'latency ms':>10}  {'parity':<6}  aliases"]
+    for v in versions:
+        t = v["tags"]
+        lines.append(f"{v['version']:>7}  {t.get('arch', '?'):<10} {t.get('metric.' + metric, '?'):>9}  "
+                     f"{t.get('metric.latency_ms_batch1', '?'):>10}  {t.get('parity_passed', '?'):<6}  "
+                     f"{', '.join(v['aliases'])}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("auto", help="register the exports and run the champion/challenger gate (default)")
+    sub.add_parser("list", help="versions with metrics and aliases")
+    set_cmd = sub.add_parser("set", help="point an alias at a version")
+    set_cmd.add_argument("version")
+    set_cmd.add_argument("--alias", default=CHAMPION)
+    set_cmd.add_argument("--reason", default="manual promotion")
+    sub.add_parser("rollback", help="champion back to the previous champion")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)
+        name = params.promote.registered_model
+        if args.command in (None, "auto"):
+            result = auto_promote(params.promote, list(params.models))
+            atomic.write_json(RELEASE_DIR / "promotion.json", result)
+            print(f"promote: {name}: best {result['best']['arch']} v{result['best']['version']} "
+                  f"({params.promote.metric} {result['best'][params.promote.metric]:.5f}) -> {result['decision']}: "
+                  f"{result['reason']}; champion is v{result['champion']['version']} ({result['champion']['arch']})")
+        elif args.command == "list":
+            print(format_versions(tracking.list_versions(name), params.promote.metric))
+        elif args.command == "set":
+            entry = promote_version(name, args.version, args.alias, args.reason)
+            print(f"promote: {name}: {args.alias} -> v{entry['version']} (was v{entry['previous']})")
+        elif args.command == "rollback":
+            entry = rollback(name)
+            print(f"promote: {name}: champion rolled back to v{entry['version']} (was v{entry['previous']})")
+    except (ParamsError, PromotionError, FileNotFoundError) as err:
+        print(f"promote: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
