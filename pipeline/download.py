@@ -284,9 +284,13 @@ def main(argv: list[str] | None = None) -> int:
     counts = ", ".join(f"{k} {v['count']}" for k, v in card["splits"].items())
     print(f"download: {card['dataset']} from {card['source']}: {counts} images "
           f"{card['channels']}x{card['image_size']}x{card['image_size']}, mean {card['mean']} std {card['std']}")
-    from .tracking import log_dataset_card  # after the data is safe: tracking problems don't lose it
+    from .tracking import TrackingError, log_dataset_card  # after the data is safe: tracking can't lose it
 
-    log_dataset_card(params.train.experiment, card)
+    try:
+        log_dataset_card(params.train.experiment, card)
+    except TrackingError as err:
+        print(f"download: error: the data is prepared, but {err}", file=sys.stderr)
+        return 3
     return 0
 
 

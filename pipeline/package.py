@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         name = load_params(args.params).promote.registered_model
         result = package_champion(name)
         result["bento_tag"] = None if args.no_build else build_bento()
-    except (ParamsError, PromotionError) as err:
+    except (ParamsError, PromotionError, tracking.TrackingError) as err:
         print(f"package: error: {err}", file=sys.stderr)
         return 2
     atomic.write_json(RELEASE_DIR / "bento.json", result)

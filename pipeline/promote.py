@@ -138,13 +138,13 @@ def register_export(name: str, export_json: Path) -> tuple[str, dict]:
     meta = report["metadata"]
     size, channels = int(meta["image_size"]), int(meta["in_channels"])
     example = np.zeros((1, channels, size, size), dtype=np.float32)
-    uri = tracking.log_onnx_model(meta["mlflow_run_id"], export_json.parent / "model.onnx", example, meta)
+    uri, model_id = tracking.log_onnx_model(meta["mlflow_run_id"], export_json.parent / "model.onnx", example, meta)
     evaluation = report["evaluation"]
     tags = {"arch": report["arch"], "dataset": meta["dataset"], "onnx_sha256": report["onnx_sha256"],
             "test_set_sha256": report["test_set_sha256"], "parity_passed": "true",
             "parity_max_abs_logit_diff": report["max_abs_logit_diff"], "onnx_test_acc": report["onnx_test_acc"],
             **{f"metric.{k}": v for k, v in evaluation.items()}}
-    version = tracking.register_version(name, uri, meta["mlflow_run_id"], tags)
+    version = tracking.register_version(name, uri, meta["mlflow_run_id"], tags, model_id)
     return version, report
 
 
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "rollback":
             entry = rollback(name)
             print(f"promote: {name}: champion rolled back to v{entry['version']} (was v{entry['previous']})")
-    except (ParamsError, PromotionError, FileNotFoundError) as err:
+    except (ParamsError, PromotionError, FileNotFoundError, tracking.TrackingError) as err:
         print(f"promote: error: {err}", file=sys.stderr)
         return 2
     return 0

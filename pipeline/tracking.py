@@ -40,6 +40,7 @@ def client():
 
     for noisy in ("alembic", "mlflow.store.db.utils"):  # schema migrations chatter on first use
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keeps stage logs readable
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     return MlflowClient(tracking_uri=uri)
@@ -53,7 +54,23 @@ def git_commit() -> str:
         return ""
 
 
+def check_reachable(timeout_s: float = 5.0) -> None:
+    """Fail fast when a tracking server is down (MLflow's own client retries for minutes)."""
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).read()
+    except (urllib.error.URLError, OSError) as err:
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({err}); start it, or unset "
+                            f"MLFLOW_TRACKING_URI to use the embedded SQLite store") from err
+
+
 def experiment_id(name: str) -> str:
+    check_reachable()
     c = client()
     try:
         experiment = c.get_experiment_by_name(name)
@@ -81,6 +98,7 @@ class Run:
     """One MLflow run; every call goes to that run (no global active-run state)."""
 
     def __init__(self, run_id: str):
+        check_reachable()
         self.run_id = run_id
         self._client = client()
 
@@ -161,8 +179,10 @@ def log_dataset_card(experiment: str, card: dict) -> str:
 
 # --- model registry ---------------------------------------------------------------------------------
 
-def log_onnx_model(run_id: str, onnx_path: str | Path, input_example, metadata: dict[str, str]) -> str:
-    """Log the ONNX file as an MLflow model of the training run (signature + input example); its URI."""
+def log_onnx_model(run_id: str, onnx_path: str | Path, input_example, metadata: dict[str, str]) -> tuple[str, str]:
+    """Log the ONNX file as an MLflow model of the training run (signature + input example).
+
+    Returns (model URI, logged-model id): a tracking server wants both to register a version."""
     import mlflow
     import numpy as np
     import onnx
@@ -172,7 +192,7 @@ def log_onnx_model(run_id: str, onnx_path: str | Path, input_example, metadata: 
     client()
     import logging
 
-    ort.set_default_logger_severity(3)  # MLflow's input-example check tries CUDA first; the miss is not news
+    ort.set_default_logger_severity(4)  # MLflow's input-example check tries CUDA first; the miss is not news
     logging.getLogger("mlflow.onnx").setLevel(logging.ERROR)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     output = session.run(None, {session.get_inputs()[0].name: input_example})[0]
@@ -180,7 +200,7 @@ def log_onnx_model(run_id: str, onnx_path: str | Path, input_example, metadata: 
         info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="onnx-model",
                                      signature=infer_signature(input_example, np.asarray(output)),
                                      input_example=input_example, metadata=metadata, save_as_external_data=False)
-    return info.model_uri
+    return info.model_uri, info.model_id
 
 
 def _version_dict(v, aliases: dict[str, str]) -> dict:
@@ -215,7 +235,7 @@ def version_by_alias(name: str, alias: str) -> dict | None:
         return None
 
 
-def register_version(name: str, model_uri: str, run_id: str, tags: dict[str, str]) -> str:
+def register_version(name: str, model_uri: str, run_id: str, tags: dict[str, str], model_id: str | None = None) -> str:
     """A new version of registered model `name` (created on first use); returns its number."""
     from mlflow.exceptions import MlflowException
 
@@ -225,7 +245,8 @@ def register_version(name: str, model_uri: str, run_id: str, tags: dict[str, str
     except MlflowException as err:
         if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
             raise
-    version = c.create_model_version(name, model_uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()})
+    version = c.create_model_version(name, model_uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()},
+                                     model_id=model_id)
     return str(version.version)
 
 

@@ -1,0 +1,103 @@
+"""A pure-ASGI request-body size limit (BentoML has none): over the limit -> 413 with a JSON body.
+
+A ``Content-Length`` over the limit is refused before the body is read. A body without a length
+(chunked upload) is counted as it streams; once it passes the limit the application's own response
+(it sees a failed read) is replaced by the 413.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Awaitable, Callable
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+__all__ = ["RequestSizeLimitMiddleware", "json_error_body"]
+
+
+def json_error_body(status: int, error: str, reason: str, **extra: Any) -> bytes:
+    return json.dumps({"error": error, "reason": reason, "status": status, **extra}).encode()
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class RequestSizeLimitMiddleware:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = int(max_bytes)
+
+    async def _reply(self, send: Send, status: int, body: bytes) -> None:
+        await send({
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        })
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    def _too_large(self, length: int | None = None) -> bytes:
+        detail = f"request body of {length} bytes" if length is not None else "request body"
+        return json_error_body(
+            413,
+            f"{detail} is larger than the limit of {self.max_bytes} bytes",
+            "body_too_large",
+            limit_bytes=self.max_bytes,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length_header = None
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                length_header = value
+                break
+        if length_header is not None:
+            try:
+                length = int(length_header)
+                if length < 0:
+                    raise ValueError
+            except ValueError:
+                await self._reply(send, 400, json_error_body(400, "invalid Content-Length header", "bad_request"))
+                return
+            if length > self.max_bytes:
+                await self._reply(send, 413, self._too_large(length))
+                return
+
+        received = 0
+        exceeded = False
+        response_started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    exceeded = True
+                    raise BodyTooLarge()
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal response_started
+            if exceeded:  # drop whatever the app answers to its failed read; the 413 goes out instead
+                return
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except BodyTooLarge:
+            pass
+        if exceeded and not response_started:
+            await self._reply(send, 413, self._too_large())

@@ -1,0 +1,42 @@
+"""Logits -> response objects (numpy only): softmax probabilities and top-k, vectorized over a batch."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["softmax", "predictions"]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise, numerically stable softmax of ``[N, K]`` logits, computed in float64, returned float32."""
+    x = np.asarray(logits, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"expected logits of shape [N, K], got {x.shape}")
+    x = x - x.max(axis=1, keepdims=True)
+    np.exp(x, out=x)
+    x /= x.sum(axis=1, keepdims=True)
+    return x.astype(np.float32)
+
+
+def predictions(logits: np.ndarray, classes: Sequence[str], k: int) -> list[dict]:
+    """One ``{"label", "index", "score", "top_k": [{"label", "index", "score"}, ...]}`` per row.
+
+    ``score`` is the softmax probability; ``top_k`` is sorted by descending probability (ties: lower
+    index first) and holds ``min(k, K)`` entries; the top-level fields repeat ``top_k[0]``.
+    """
+    probs = softmax(logits)
+    n, num_classes = probs.shape
+    if len(classes) != num_classes:
+        raise ValueError(f"model returned {num_classes} logits but has {len(classes)} class names")
+    k = max(1, min(int(k), num_classes))
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    top_scores = np.take_along_axis(probs, order, axis=1)
+    out = []
+    for i in range(n):
+        top = [
+            {"label": classes[j], "index": int(j), "score": float(s)}
+            for j, s in zip(order[i].tolist(), top_scores[i].tolist())
+        ]
+        out.append({**top[0], "top_k": top})
+    return out

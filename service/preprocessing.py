@@ -1,0 +1,333 @@
+"""Image preprocessing shared by serving and training: numpy + Pillow only.
+
+This module is the single definition of the pixels a model sees (see docs/model-contract.md). The
+service uses it for every request; the pipeline uses it to build ImageFolder datasets and in parity
+tests. It must stay importable without bentoml, onnxruntime or torch.
+
+The steps, each a pure function:
+
+1. :func:`decode_image` - bytes -> ``PIL.Image`` in mode ``L`` (1 channel) or ``RGB`` (3 channels):
+   format allow-list, pixel limit (checked from the header, before any pixel is decoded), integrity
+   check (``Image.verify``), first frame only, EXIF orientation applied, alpha composited onto black,
+   16-bit samples scaled to 8 bits (``v / 257``, rounded), then converted to ``L``/``RGB``.
+2. :func:`resize_image` - to ``size x size`` with the model's PIL filter (skipped when already that
+   size; the aspect ratio is not preserved, exactly as the contract says).
+3. :func:`to_chw_uint8` - ``uint8 [C, H, W]``.
+4. :func:`normalize` - ``float32``: ``x / 255`` then ``(x - mean) / std`` per channel, for one image
+   ``[C, H, W]`` or a batch ``[N, C, H, W]``.
+
+:func:`image_to_array` chains 1-3 and :func:`preprocess_batch` runs 1-4 over many images.
+Every failure caused by the input raises :class:`ImageError`, which carries a machine-readable
+``reason`` and the HTTP status a server should answer with.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "RESAMPLE_FILTERS",
+    "SUPPORTED_FORMATS",
+    "ImageError",
+    "PreprocessSpec",
+    "decode_image",
+    "image_to_array",
+    "normalize",
+    "preprocess_batch",
+    "resize_image",
+    "to_chw_uint8",
+]
+
+#: Largest accepted image, in pixels (width * height), checked before decoding. 40 MP covers
+#: every camera-phone photo; a decompression bomb (tiny file, huge canvas) is refused up front.
+DEFAULT_MAX_PIXELS = 40_000_000
+
+#: Pillow format names accepted (MPO is what Pillow calls many camera JPEGs).
+SUPPORTED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "WEBP", "BMP", "DIB", "TIFF", "GIF"})
+
+#: Contract ``resize`` values -> Pillow filters.
+RESAMPLE_FILTERS: Mapping[str, Image.Resampling] = {
+    "nearest": Image.Resampling.NEAREST,
+    "box": Image.Resampling.BOX,
+    "bilinear": Image.Resampling.BILINEAR,
+    "hamming": Image.Resampling.HAMMING,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+class ImageError(ValueError):
+    """The bytes cannot be turned into a model input. ``reason`` is a stable machine-readable code.
+
+    reasons and the HTTP status they map to: ``empty`` (400), ``not_an_image`` (415),
+    ``unsupported_format`` (415), ``unsupported_mode`` (415), ``too_many_pixels`` (413),
+    ``truncated`` (400), ``corrupt`` (400).
+    """
+
+    STATUS = {
+        "empty": 400,
+        "not_an_image": 415,
+        "unsupported_format": 415,
+        "unsupported_mode": 415,
+        "too_many_pixels": 413,
+        "truncated": 400,
+        "corrupt": 400,
+    }
+
+    def __init__(self, reason: str, message: str) -> None:
+        if reason not in self.STATUS:
+            raise ValueError(f"unknown ImageError reason {reason!r}")
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+    @property
+    def status(self) -> int:
+        return self.STATUS[self.reason]
+
+
+# --- model metadata -> preprocessing parameters ---------------------------------------------------
+
+def _parse(value: Any) -> Any:
+    """Contract values are strings holding JSON for structured values; accept parsed values too."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """Everything needed to turn an image into a model input, read from the model's metadata."""
+
+    channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize: str = "bilinear"
+    classes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, got {self.channels!r}")
+        if not isinstance(self.image_size, int) or self.image_size < 1:
+            raise ValueError(f"image_size must be a positive integer, got {self.image_size!r}")
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) != self.channels:
+                raise ValueError(f"{name} needs {self.channels} value(s) (one per channel), got {list(values)}")
+            if not all(math.isfinite(v) for v in values):
+                raise ValueError(f"{name} values must be finite, got {list(values)}")
+        if any(v <= 0 for v in self.std):
+            raise ValueError(f"std values must be > 0, got {list(self.std)}")
+        if self.resize not in RESAMPLE_FILTERS:
+            raise ValueError(f"resize must be one of {sorted(RESAMPLE_FILTERS)}, got {self.resize!r}")
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, Any]) -> "PreprocessSpec":
+        """Build from ONNX ``metadata_props`` (string values) or their parsed mirror (bento model metadata).
+
+        Required keys: ``in_channels``, ``image_size``, ``mean``, ``std``; optional: ``resize``
+        (default ``bilinear``), ``classes``. Raises ``ValueError`` naming the bad key.
+        """
+        missing = [k for k in ("in_channels", "image_size", "mean", "std") if k not in metadata]
+        if missing:
+            raise ValueError(f"model metadata lacks required key(s) {missing}; see docs/model-contract.md")
+        try:
+            channels = int(_parse(metadata["in_channels"]))
+            image_size = int(_parse(metadata["image_size"]))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"model metadata in_channels/image_size must be integers: {err}") from err
+        values: dict[str, tuple[float, ...]] = {}
+        for key in ("mean", "std"):
+            raw = _parse(metadata[key])
+            if isinstance(raw, (int, float)):
+                raw = [raw]
+            if not isinstance(raw, list) or not all(isinstance(v, (int, float)) for v in raw):
+                raise ValueError(f"model metadata {key!r} must be a JSON list of numbers, got {metadata[key]!r}")
+            values[key] = tuple(float(v) for v in raw)
+        classes: tuple[str, ...] = ()
+        if "classes" in metadata:
+            raw = _parse(metadata["classes"])
+            if not isinstance(raw, list) or not raw:
+                raise ValueError(f"model metadata 'classes' must be a non-empty JSON list, got {metadata['classes']!r}")
+            classes = tuple(str(c) for c in raw)
+        resize = str(_parse(metadata.get("resize", "bilinear")) or "bilinear").lower()
+        return cls(channels, image_size, values["mean"], values["std"], resize, classes)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one model input."""
+        return (self.channels, self.image_size, self.image_size)
+
+
+# --- decoding --------------------------------------------------------------------------------------
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:
+        raise ImageError("too_many_pixels", f"image is too large: {err}") from err
+    except Image.UnidentifiedImageError as err:
+        raise ImageError("not_an_image", "not a recognised image file") from err
+    except Exception as err:  # Pillow plugins raise all sorts of things on malformed headers
+        reason = "truncated" if "truncated" in str(err).lower() or isinstance(err, EOFError) else "corrupt"
+        raise ImageError(reason, f"cannot read the image header: {err or type(err).__name__}") from err
+    if img.format not in SUPPORTED_FORMATS:
+        raise ImageError(
+            "unsupported_format",
+            f"image format {img.format} is not supported (use one of: {', '.join(sorted(SUPPORTED_FORMATS))})",
+        )
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise ImageError("corrupt", f"image has an empty canvas ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageError("too_many_pixels", f"image is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}")
+    return img
+
+
+def _composite_alpha(img: Image.Image) -> Image.Image:
+    """Drop alpha by compositing onto black (so transparent pixels become 0)."""
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif img.mode == "PA":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBa", "La"):  # premultiplied: already composited onto black
+        return img.convert("RGB" if img.mode == "RGBa" else "L")
+    if img.mode in ("RGBA", "LA"):
+        base_mode = img.mode[:-1]
+        black = Image.new(base_mode, img.size, 0)
+        black.paste(img.convert(base_mode), mask=img.getchannel("A"))
+        return black
+    return img
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16/32-bit integer and float grayscale -> ``L``. 16-bit scales by 1/257 (65535 -> 255)."""
+    if img.mode in _SIXTEEN_BIT_MODES:
+        arr = np.asarray(img).astype(np.float64)
+        arr = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L")
+    if img.mode == "F":  # no defined range: clip to 0..255 like Pillow's own conversion
+        arr = np.clip(np.rint(np.nan_to_num(np.asarray(img, dtype=np.float64))), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L")
+    return img
+
+
+def decode_image(data: bytes, channels: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode ``data`` into a fully loaded ``PIL.Image`` of mode ``L`` (channels=1) or ``RGB`` (channels=3).
+
+    Raises :class:`ImageError` for empty input, non-images, formats outside
+    :data:`SUPPORTED_FORMATS`, images over ``max_pixels``, truncated or otherwise corrupt files.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+    if not data:
+        raise ImageError("empty", "the file is empty")
+    data = bytes(data)
+    # integrity check: verify() walks the file without decoding; the image must be reopened after it
+    img = _open(data, max_pixels)
+    try:
+        img.verify()
+    except Exception as err:
+        raise _load_error(err) from err
+    img = _open(data, max_pixels)
+    try:
+        img.load()  # a freshly opened image sits on its first frame (animations, multi-page TIFF)
+    except Exception as err:
+        raise _load_error(err) from err
+    try:
+        img = ImageOps.exif_transpose(img) or img
+    except Exception:  # unreadable EXIF: keep the stored orientation rather than refuse the image
+        pass
+    try:
+        img = _to_8bit(_composite_alpha(img))
+        return img.convert("L" if channels == 1 else "RGB")
+    except (ValueError, OSError) as err:  # e.g. a mode Pillow cannot convert
+        raise ImageError("unsupported_mode", f"cannot convert image mode {img.mode} to {'L' if channels == 1 else 'RGB'}: {err}") from err
+
+
+def _load_error(err: Exception) -> ImageError:
+    if isinstance(err, ImageError):
+        return err
+    if isinstance(err, Image.DecompressionBombError):
+        return ImageError("too_many_pixels", f"image is too large: {err}")
+    text = str(err)
+    if "truncated" in text.lower() or isinstance(err, EOFError) or "premature end" in text.lower():
+        return ImageError("truncated", f"image data is truncated: {text or type(err).__name__}")
+    return ImageError("corrupt", f"image data is corrupt: {text or type(err).__name__}")
+
+
+def resize_image(img: Image.Image, size: int, resample: str = "bilinear") -> Image.Image:
+    """Resize to ``size x size`` with the named filter; returns ``img`` itself when already that size."""
+    if resample not in RESAMPLE_FILTERS:
+        raise ValueError(f"resample must be one of {sorted(RESAMPLE_FILTERS)}, got {resample!r}")
+    if img.size == (size, size):
+        return img
+    return img.resize((size, size), resample=RESAMPLE_FILTERS[resample])
+
+
+def to_chw_uint8(img: Image.Image) -> np.ndarray:
+    """``L`` or ``RGB`` image -> contiguous ``uint8 [C, H, W]``."""
+    if img.mode not in ("L", "RGB"):
+        raise ValueError(f"expected an L or RGB image, got mode {img.mode}")
+    arr = np.asarray(img, dtype=np.uint8)
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return np.ascontiguousarray(arr)
+
+
+def image_to_array(
+    data: bytes,
+    *,
+    channels: int,
+    size: int,
+    resample: str = "bilinear",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Encoded image bytes -> ``uint8 [channels, size, size]`` (decode, resize, layout)."""
+    img = decode_image(data, channels, max_pixels=max_pixels)
+    return to_chw_uint8(resize_image(img, size, resample))
+
+
+def normalize(batch: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """``uint8 [..., C, H, W]`` -> ``float32``: ``x / 255`` then ``(x - mean[c]) / std[c]``."""
+    batch = np.asarray(batch)
+    if batch.dtype != np.uint8:
+        raise ValueError(f"normalize expects uint8 pixels, got {batch.dtype}")
+    if batch.ndim not in (3, 4):
+        raise ValueError(f"normalize expects [C,H,W] or [N,C,H,W], got shape {batch.shape}")
+    channels = batch.shape[-3]
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"mean/std need {channels} value(s), got {list(mean)} / {list(std)}")
+    m = np.asarray(mean, dtype=np.float32).reshape(channels, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(channels, 1, 1)
+    x = batch.astype(np.float32) / np.float32(255.0)
+    return ((x - m) / s).astype(np.float32, copy=False)
+
+
+def preprocess_batch(
+    images: Iterable[bytes], spec: PreprocessSpec, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Many encoded images -> normalized ``float32 [N, C, H, W]`` ready for the model.
+
+    Raises the first :class:`ImageError`; callers that must report every bad file (the service)
+    call :func:`image_to_array` per image instead.
+    """
+    arrays = [
+        image_to_array(data, channels=spec.channels, size=spec.image_size, resample=spec.resize, max_pixels=max_pixels)
+        for data in images
+    ]
+    if not arrays:
+        return np.zeros((0, *spec.input_shape), dtype=np.float32)
+    return normalize(np.stack(arrays), spec.mean, spec.std)

@@ -1,0 +1,474 @@
+"""BentoML 1.4 services: ``bentoml serve service.service:Classifier``.
+
+Two services run as separate processes (``bentoml serve`` starts both):
+
+- ``Classifier`` (public): ``POST /classify`` (multipart), ``POST /classify_base64`` (JSON),
+  ``GET|POST /metadata``, plus BentoML's ``/livez``, ``/readyz``, ``/metrics`` and OpenAPI docs. It
+  parses and validates uploads, decodes + preprocesses them (``service.preprocessing``, in a thread
+  pool) and sends one ``float32 [n, C, H, W]`` array per request (split into chunks of at most
+  ``CLASSIFIER_MAX_BATCH_SIZE``) to the runtime.
+- ``ClassifierRuntime`` (internal, reached over a Unix socket with pickle-5 buffers): holds the ONNX
+  Runtime session and exposes the batchable ``predict`` API, so BentoML's adaptive batching merges
+  arrays from concurrent requests into one model call.
+
+Errors are JSON: ``{"error": message, "reason": code, "status": http_status, "file": name,
+"index": i, "errors": [per-file entries]}``; bad input is a 4xx, overload a 429/503, never a hang.
+"""
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import anyio
+import numpy as np
+from pydantic import BaseModel, Field
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+import bentoml
+from bentoml.exceptions import BentoMLException
+from service.config import ServiceConfig
+from service.engine import OnnxClassifier
+from service.limits import RequestSizeLimitMiddleware
+from service.postprocessing import predictions
+from service.preprocessing import ImageError, PreprocessSpec, image_to_array, normalize
+
+CONFIG = ServiceConfig.from_env()
+MODEL_FILE = "model.onnx"  # as written by pipeline/bento_store.py
+REGISTRY_KEYS = ("registry_version", "registry_alias", "mlflow_run_id")
+FIELD = "images"
+
+logger = logging.getLogger("bentoml.classifier")
+
+
+# --- error responses -------------------------------------------------------------------------------
+
+def error_response(status: int, error: str, reason: str, headers: Optional[dict] = None, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": error, "reason": reason, "status": status, **extra}, status_code=status, headers=headers)
+
+
+class Rejection:
+    """A request refused while parsing; the API method turns it into the JSON error response."""
+
+    def __init__(self, status: int, error: str, reason: str, **extra: Any) -> None:
+        self.status, self.error, self.reason, self.extra = status, error, reason, extra
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.error, self.reason, **self.extra)
+
+
+class Upload:
+    """One image of a request: its position, a display name (file name or ``images[i]``) and bytes."""
+
+    __slots__ = ("index", "name", "data")
+
+    def __init__(self, index: int, name: str, data: bytes) -> None:
+        self.index, self.name, self.data = index, name, data
+
+
+RUNTIME_RETRIES = 2
+
+
+def _is_connection_error(err: BaseException) -> bool:
+    """Transport-level failures talking to the runtime (aiohttp/httpx/OS errors), not HTTP error statuses."""
+    if isinstance(err, BentoMLException):
+        return False
+    return isinstance(err, (OSError, ConnectionError)) or type(err).__module__.split(".")[0] in ("aiohttp", "httpx", "httpcore")
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _parse_top_k(raw: Any) -> "int | None | Rejection":
+    if raw is None or raw == "":
+        return None
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError:
+            pass
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
+        return Rejection(400, f"top_k must be a positive integer, got {raw!r}", "bad_top_k")
+    return raw
+
+
+def _too_many(count: int) -> Rejection:
+    return Rejection(
+        413,
+        f"too many images in one request: {count} > {CONFIG.max_images} (CLASSIFIER_MAX_IMAGES); split the request",
+        "too_many_images",
+        limit=CONFIG.max_images,
+    )
+
+
+# --- request bodies (custom parsing so that no malformed body reaches BentoML's generic parser) ----
+
+class ClassifyMultipart(bentoml.IODescriptor):
+    """``multipart/form-data`` with one or more image files in the repeatable field ``images``."""
+
+    images: list[Path] = Field(description="image files (PNG, JPEG, WebP, BMP, TIFF, GIF); repeat the field for several")
+    top_k: Optional[int] = Field(default=None, description="entries in each top_k list (default CLASSIFIER_TOP_K)")
+
+    @classmethod
+    async def from_http_request(cls, request: Request, serde: Any) -> "ClassifyMultipart":
+        if _media_type(request) != "multipart/form-data":
+            rejection = Rejection(
+                415,
+                f"POST /classify takes multipart/form-data with files in the field '{FIELD}', got "
+                f"{request.headers.get('content-type') or 'no Content-Type'}; JSON clients use POST /classify_base64",
+                "unsupported_media_type",
+            )
+            return cls.model_construct(images=rejection, top_k=None)
+        try:
+            form = await request.form(max_files=CONFIG.max_images, max_fields=4, max_part_size=64 * 1024)
+        except Exception as err:  # starlette: MultiPartException / HTTPException(400) for malformed bodies
+            message = getattr(err, "detail", None) or getattr(err, "message", None) or str(err) or type(err).__name__
+            if "too many files" in str(message).lower():
+                return cls.model_construct(images=_too_many(CONFIG.max_images + 1), top_k=None)
+            return cls.model_construct(images=Rejection(400, f"malformed multipart body: {message}", "bad_multipart"), top_k=None)
+        uploads: list[Upload] = []
+        top_k: Any = None
+        for key, value in form.multi_items():
+            if key == FIELD:
+                if isinstance(value, str):
+                    return cls.model_construct(images=Rejection(
+                        400, f"form field '{FIELD}' #{len(uploads)} is text, not a file upload", "not_a_file",
+                        index=len(uploads), file=f"{FIELD}[{len(uploads)}]"), top_k=None)
+                index = len(uploads)
+                uploads.append(Upload(index, value.filename or f"{FIELD}[{index}]", await value.read()))
+            elif key == "top_k" and isinstance(value, str):
+                top_k = value
+            else:
+                return cls.model_construct(images=Rejection(
+                    400, f"unexpected form field {key!r}; send files in the repeatable field '{FIELD}'", "unexpected_field",
+                    field=key), top_k=None)
+        if not uploads:
+            return cls.model_construct(images=Rejection(
+                400, f"no files: send one or more images in the multipart field '{FIELD}'", "no_images"), top_k=None)
+        return cls.model_construct(images=uploads, top_k=_parse_top_k(top_k))
+
+
+class ClassifyBase64(bentoml.IODescriptor):
+    """``application/json``: ``{"images": ["<base64>", ...], "top_k": 5}``."""
+
+    images: list[str] = Field(description="base64-encoded image files (standard or URL-safe alphabet, data: URLs accepted)")
+    top_k: Optional[int] = Field(default=None, description="entries in each top_k list (default CLASSIFIER_TOP_K)")
+
+    @classmethod
+    async def from_http_request(cls, request: Request, serde: Any) -> "ClassifyBase64":
+        def reject(status: int, error: str, reason: str, **extra: Any) -> "ClassifyBase64":
+            return cls.model_construct(images=Rejection(status, error, reason, **extra), top_k=None)
+
+        media = _media_type(request)
+        if media not in ("", "application/json") and not media.endswith("+json"):
+            return reject(415, f"POST /classify_base64 takes application/json, got {media}", "unsupported_media_type")
+        try:
+            raw = await request.body()
+        except Exception as err:  # client went away, or the size limit tripped (the middleware answers 413)
+            return reject(400, f"cannot read the request body: {type(err).__name__}", "bad_body")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            return reject(400, f"body is not valid JSON: {err}", "bad_json")
+        if not isinstance(body, dict) or not isinstance(body.get(FIELD), list):
+            return reject(400, f'body must be a JSON object {{"{FIELD}": ["<base64>", ...]}}', "bad_json")
+        unexpected = sorted(set(body) - {FIELD, "top_k"})
+        if unexpected:
+            return reject(400, f"unexpected key(s) {unexpected}", "unexpected_field")
+        items = body[FIELD]
+        if not items:
+            return reject(400, f"'{FIELD}' is empty: send one or more base64 images", "no_images")
+        if len(items) > CONFIG.max_images:
+            return cls.model_construct(images=_too_many(len(items)), top_k=None)
+        uploads = []
+        for index, item in enumerate(items):
+            name = f"{FIELD}[{index}]"
+            if not isinstance(item, str):
+                return reject(400, f"{name} is not a string", "bad_base64", file=name, index=index)
+            text = item.strip()
+            if text.startswith("data:"):
+                text = text.partition(",")[2]
+            text = "".join(text.split())
+            try:
+                altchars = b"-_" if ("-" in text or "_" in text) else None
+                data = base64.b64decode(text + "=" * (-len(text) % 4), altchars=altchars, validate=True)
+            except (binascii.Error, ValueError) as err:
+                return reject(400, f"{name} is not valid base64: {err}", "bad_base64", file=name, index=index)
+            uploads.append(Upload(index, name, data))
+        top_k = _parse_top_k(body.get("top_k"))
+        return cls.model_construct(images=uploads, top_k=top_k)
+
+
+class NoInput(bentoml.IODescriptor):
+    """No request body (any body is ignored)."""
+
+    @classmethod
+    async def from_http_request(cls, request: Request, serde: Any) -> "NoInput":
+        return cls.model_construct()
+
+
+class TopK(BaseModel):
+    label: str
+    index: int
+    score: float = Field(description="softmax probability")
+
+
+class Prediction(BaseModel):
+    label: str
+    index: int
+    score: float = Field(description="softmax probability of `label`")
+    top_k: list[TopK]
+
+
+# --- the model runtime (internal) ------------------------------------------------------------------
+
+@bentoml.service(
+    name="classifier-runtime",
+    workers=CONFIG.runtime_workers,
+    threads=1,
+    traffic={"timeout": CONFIG.request_timeout_s},
+    # BentoML 1.4.39's client to a dependency closes its aiohttp session, in-flight requests included,
+    # every `max_requests` calls / `max_age` seconds ("Server disconnected" under load): recycle
+    # (almost) never; _call_runtime also retries connection-level failures.
+    runner_connection={"max_requests": 1_000_000_000, "max_age": 1e9},
+)
+class ClassifierRuntime:
+    """Internal service: the ONNX model behind BentoML adaptive batching (``predict``)."""
+
+    model_ref = bentoml.models.BentoModel(CONFIG.model_tag)
+
+    def __init__(self) -> None:
+        self._ready = False
+        stored = self.model_ref
+        path = stored.path_of(MODEL_FILE)
+        started = time.perf_counter()
+        self.engine = OnnxClassifier(path, providers=CONFIG.providers, intra_op_threads=CONFIG.intra_op_threads)
+        logger.info(
+            "model %s loaded from %s: ONNX Runtime providers requested %s, ACTIVE %s, intra-op threads %d",
+            stored.tag, path, self.engine.requested_providers, self.engine.active_providers, self.engine.intra_op_threads,
+        )
+        if self.engine.provider_warning:
+            logger.warning("%s", self.engine.provider_warning)
+        warmup_s = self.engine.warmup((1, CONFIG.max_batch_size))
+        logger.info("warm-up (batch 1 and %d) took %.3fs; load + warm-up %.3fs",
+                    CONFIG.max_batch_size, warmup_s, time.perf_counter() - started)
+        info = stored.info
+        labels, meta = dict(info.labels), dict(info.metadata)
+        self._description = {
+            "model_name": stored.tag.name,
+            "model_version": stored.tag.version,
+            "model_tag": str(stored.tag),
+            "created": info.creation_time.isoformat(),
+            **{key: labels.get(key, meta.get(key)) for key in REGISTRY_KEYS},
+            "labels": labels,
+            **self.engine.describe(),
+            "batching": {"max_batch_size": CONFIG.max_batch_size, "max_latency_ms": CONFIG.max_latency_ms},
+            "runtime_workers": CONFIG.runtime_workers,
+        }
+        if not self._description.get("mlflow_run_id"):
+            self._description["mlflow_run_id"] = self._description.get("onnx_mlflow_run_id")
+        self._ready = True
+
+    def __is_ready__(self) -> bool:
+        return self._ready
+
+    @bentoml.api(batchable=True, max_batch_size=CONFIG.max_batch_size, max_latency_ms=CONFIG.max_latency_ms)
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """``float32 [N, C, H, W]`` normalized images -> ``float32 [N, num_classes]`` logits."""
+        return self.engine.logits(batch)
+
+    @bentoml.api
+    def describe(self) -> dict:
+        """Model, preprocessing and execution-provider facts (JSON-ready)."""
+        return self._description
+
+
+# --- the public service ----------------------------------------------------------------------------
+
+async def _get_metadata(request: Request) -> JSONResponse:
+    result = await bentoml.get_current_service().metadata_dict()
+    return result if isinstance(result, JSONResponse) else JSONResponse(result)
+
+
+_metadata_app = Starlette(routes=[Route("/metadata", _get_metadata, methods=["GET"])])
+
+
+@bentoml.asgi_app(_metadata_app, path="/")
+@bentoml.service(
+    name="image-classifier",
+    workers=CONFIG.api_workers,
+    traffic={"timeout": CONFIG.request_timeout_s, "max_concurrency": CONFIG.max_concurrency},
+)
+class Classifier:
+    """Image classification: POST images, get labels with softmax scores and top-k lists."""
+
+    runtime = bentoml.depends(ClassifierRuntime)
+
+    def __init__(self) -> None:
+        self._description: Optional[dict] = None
+        self._spec: Optional[PreprocessSpec] = None
+        self._lock: Optional[asyncio.Lock] = None
+        self._decode_limiter: Optional[anyio.CapacityLimiter] = None
+
+    # -- model facts, fetched once from the runtime (the single source of truth) --
+    async def _model(self) -> tuple[dict, PreprocessSpec]:
+        if self._description is None:
+            if self._lock is None:
+                self._lock = asyncio.Lock()
+            async with self._lock:
+                if self._description is None:
+                    description = await self._call_runtime("describe")
+                    self._spec = PreprocessSpec(
+                        channels=int(description["in_channels"]),
+                        image_size=int(description["image_size"]),
+                        mean=tuple(description["normalization"]["mean"]),
+                        std=tuple(description["normalization"]["std"]),
+                        resize=description["resize"],
+                        classes=tuple(description["classes"]),
+                    )
+                    self._description = description
+        assert self._spec is not None
+        return self._description, self._spec
+
+    async def __is_ready__(self) -> bool:
+        try:
+            await asyncio.wait_for(self._model(), timeout=5)
+        except Exception:
+            return False
+        return True
+
+    def _decode(self, uploads: list, spec: PreprocessSpec) -> tuple[list, list]:
+        arrays, errors = [], []
+        for upload in uploads:
+            try:
+                arrays.append(image_to_array(
+                    upload.data, channels=spec.channels, size=spec.image_size, resample=spec.resize,
+                    max_pixels=CONFIG.max_image_pixels,
+                ))
+            except ImageError as err:
+                errors.append({"index": upload.index, "file": upload.name, "reason": err.reason,
+                               "status": err.status, "error": err.message})
+            except Exception as err:  # never let a decoder bug become a 500 for one bad file
+                logger.exception("unexpected error decoding %s", upload.name)
+                errors.append({"index": upload.index, "file": upload.name, "reason": "corrupt",
+                               "status": 400, "error": f"cannot decode image: {type(err).__name__}: {err}"})
+        return arrays, errors
+
+    async def _call_runtime(self, name: str, *args: Any) -> Any:
+        """Call a runtime API, retrying connection-level failures (both runtime APIs are idempotent)."""
+        for attempt in range(RUNTIME_RETRIES + 1):
+            try:
+                return await getattr(self.runtime.to_async, name)(*args)
+            except Exception as err:
+                if attempt == RUNTIME_RETRIES or not _is_connection_error(err):
+                    raise
+                logger.info("retrying runtime.%s after a connection error: %r", name, err)
+                await asyncio.sleep(0.01 * (attempt + 1))
+
+    async def _infer(self, batch: np.ndarray) -> "np.ndarray | JSONResponse":
+        step = CONFIG.max_batch_size
+        chunks = [batch[i:i + step] for i in range(0, len(batch), step)]
+        try:
+            parts = await asyncio.gather(*(self._call_runtime("predict", chunk) for chunk in chunks))
+        except BentoMLException as err:
+            status = int(getattr(err, "error_code", 500))
+            if status in (429, 503):
+                return error_response(
+                    503, "the model server is overloaded (adaptive batching could not meet "
+                    f"CLASSIFIER_MAX_LATENCY_MS={CONFIG.max_latency_ms}); retry later", "overloaded",
+                    headers={"Retry-After": "1"})
+            if status == 504:
+                return error_response(504, "the model server timed out", "timeout")
+            raise
+        except Exception as err:
+            if not _is_connection_error(err):
+                raise
+            logger.warning("model runtime unreachable: %r", err)
+            return error_response(503, "the model runtime is unavailable; retry later", "runtime_unavailable",
+                                  headers={"Retry-After": "1"})
+        return np.concatenate([np.asarray(p) for p in parts], axis=0) if parts else np.zeros((0, 0), np.float32)
+
+    async def _classify(self, uploads: Any, top_k: Any) -> Any:
+        if isinstance(uploads, Rejection):
+            return uploads.response()
+        if isinstance(top_k, Rejection):
+            return top_k.response()
+        if len(uploads) > CONFIG.max_images:
+            return _too_many(len(uploads)).response()
+        try:
+            description, spec = await self._model()
+        except Exception as err:
+            logger.warning("model description unavailable: %r", err)
+            return error_response(503, "the model runtime is not ready; retry later", "not_ready",
+                                  headers={"Retry-After": "1"})
+        if self._decode_limiter is None:
+            self._decode_limiter = anyio.CapacityLimiter(max(1, CONFIG.cpu_count))
+        arrays, errors = await anyio.to_thread.run_sync(self._decode, uploads, spec, limiter=self._decode_limiter)
+        if errors:
+            first = errors[0]
+            summary = "1 image" if len(errors) == 1 else f"{len(errors)} of {len(uploads)} images"
+            return error_response(
+                first["status"], f"{summary} could not be used; first: {first['file']}: {first['error']}",
+                first["reason"], file=first["file"], index=first["index"], errors=errors)
+        batch = normalize(np.stack(arrays), spec.mean, spec.std)
+        logits = await self._infer(batch)
+        if isinstance(logits, JSONResponse):
+            return logits
+        k = top_k if isinstance(top_k, int) else CONFIG.top_k
+        return predictions(logits, spec.classes, k)
+
+    @bentoml.api(route="/classify", input_spec=ClassifyMultipart)
+    async def classify(self, images: Any, top_k: Any = None) -> list[Prediction]:
+        """Classify images sent as ``multipart/form-data`` files in the repeatable field ``images``.
+
+        Returns one prediction per image, in request order: ``label``, ``index``, ``score`` (softmax
+        probability) and ``top_k`` (the k most probable classes; k from the ``top_k`` form field or
+        ``CLASSIFIER_TOP_K``).
+        """
+        return await self._classify(images, top_k)
+
+    @bentoml.api(route="/classify_base64", input_spec=ClassifyBase64)
+    async def classify_base64(self, images: Any, top_k: Any = None) -> list[Prediction]:
+        """Classify base64-encoded images sent as JSON ``{"images": ["<base64>", ...], "top_k": 5}``.
+
+        Same response as ``/classify``; items that fail are named ``images[i]`` in errors.
+        """
+        return await self._classify(images, top_k)
+
+    @bentoml.api(route="/metadata", input_spec=NoInput)
+    async def metadata(self) -> dict:
+        """Model name, registry version/alias, MLflow run, classes, input shape, normalization,
+        active ONNX Runtime execution providers, batching and request limits (also ``GET /metadata``)."""
+        return await self.metadata_dict()
+
+    async def metadata_dict(self) -> "dict | JSONResponse":
+        try:
+            description, _ = await self._model()
+        except Exception as err:
+            logger.warning("model description unavailable: %r", err)
+            return error_response(503, "the model runtime is not ready; retry later", "not_ready",
+                                  headers={"Retry-After": "1"})
+        return {
+            **description,
+            "execution_providers": description.get("active_providers"),
+            "limits": {
+                "max_images": CONFIG.max_images,
+                "max_request_bytes": CONFIG.max_request_bytes,
+                "max_image_pixels": CONFIG.max_image_pixels,
+                "max_concurrency": CONFIG.max_concurrency,
+                "request_timeout_s": CONFIG.request_timeout_s,
+            },
+            "top_k_default": CONFIG.top_k,
+        }
+
+
+Classifier.add_asgi_middleware(RequestSizeLimitMiddleware, max_bytes=CONFIG.max_request_bytes)

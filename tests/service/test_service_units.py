@@ -1,0 +1,140 @@
+"""Fast unit tests: postprocessing, configuration, the request-size middleware, provider selection."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+from service.config import ENV_VARS, ServiceConfig
+from service.limits import RequestSizeLimitMiddleware
+from service.postprocessing import predictions, softmax
+
+
+# --- postprocessing --------------------------------------------------------------------------------
+
+def test_softmax_rows_sum_to_one_and_survive_large_logits():
+    logits = np.array([[1000.0, 1000.0, -1000.0], [0.0, 1.0, 2.0]], dtype=np.float32)
+    probs = softmax(logits)
+    assert probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(probs[0], [0.5, 0.5, 0.0], atol=1e-7)
+    e = np.exp([0.0, 1.0, 2.0])
+    np.testing.assert_allclose(probs[1], e / e.sum(), rtol=1e-6)
+
+
+def test_predictions_shape_order_and_k_cap():
+    classes = ["a", "b", "c", "d"]
+    logits = np.array([[0.0, 3.0, 1.0, 2.0], [5.0, 0.0, 0.0, 0.0]], dtype=np.float32)
+    out = predictions(logits, classes, k=3)
+    assert [p["label"] for p in out] == ["b", "a"]
+    assert [t["index"] for t in out[0]["top_k"]] == [1, 3, 2]
+    assert out[0]["score"] == out[0]["top_k"][0]["score"]
+    assert set(out[0]) == {"label", "index", "score", "top_k"}
+    assert all(set(t) == {"label", "index", "score"} for t in out[0]["top_k"])
+    assert len(predictions(logits, classes, k=99)[0]["top_k"]) == 4
+    assert len(predictions(logits, classes, k=0)[0]["top_k"]) == 1
+    # ties: lower index first
+    assert [t["index"] for t in out[1]["top_k"]] == [0, 1, 2]
+    json.dumps(out)  # plain Python types only
+    with pytest.raises(ValueError):
+        predictions(logits, classes[:3], k=1)
+
+
+# --- configuration ---------------------------------------------------------------------------------
+
+def test_config_defaults():
+    cfg = ServiceConfig.from_env({})
+    assert cfg.model_tag == "image-classifier:latest"
+    assert (cfg.providers, cfg.top_k, cfg.max_batch_size) == ("auto", 5, 64)
+    assert cfg.intra_op_threads == max(1, cfg.cpu_count // cfg.runtime_workers)
+    for name, (default, doc) in ENV_VARS.items():
+        assert name.startswith("CLASSIFIER_") and doc
+
+
+def test_config_from_env_and_errors():
+    cfg = ServiceConfig.from_env({
+        "CLASSIFIER_MODEL_NAME": "digits", "CLASSIFIER_MODEL_VERSION": "abc123", "CLASSIFIER_ORT_THREADS": "3",
+        "CLASSIFIER_MAX_BATCH_SIZE": "16", "CLASSIFIER_PROVIDERS": "cpu",
+    })
+    assert (cfg.model_tag, cfg.intra_op_threads, cfg.max_batch_size, cfg.providers) == ("digits:abc123", 3, 16, "cpu")
+    for env, match in [
+        ({"CLASSIFIER_MAX_BATCH_SIZE": "1"}, "CLASSIFIER_MAX_BATCH_SIZE"),
+        ({"CLASSIFIER_TOP_K": "five"}, "CLASSIFIER_TOP_K"),
+        ({"CLASSIFIER_MODEL_NAME": "a:b"}, "CLASSIFIER_MODEL_NAME"),
+        ({"CLASSIFIER_MAX_IMAGES": "0"}, "CLASSIFIER_MAX_IMAGES"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            ServiceConfig.from_env(env)
+
+
+# --- request size limit ----------------------------------------------------------------------------
+
+def _call(app, headers, chunks):
+    sent = []
+    pending = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+
+    async def receive():
+        return pending.pop(0) if pending else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/classify", "headers": headers}
+    asyncio.run(app(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return status, body
+
+
+async def _reading_app(scope, receive, send):
+    total = 0
+    try:
+        while True:
+            message = await receive()
+            total += len(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        status, body = 200, str(total).encode()
+    except Exception:
+        status, body = 500, b"app saw an error"
+    await send({"type": "http.response.start", "status": status, "headers": []})
+    await send({"type": "http.response.body", "body": body})
+
+
+def test_limit_passes_small_bodies():
+    app = RequestSizeLimitMiddleware(_reading_app, max_bytes=1000)
+    assert _call(app, [(b"content-length", b"600")], [b"x" * 300, b"x" * 300]) == (200, b"600")
+    assert _call(app, [], [b"x" * 1000]) == (200, b"1000")
+
+
+def test_limit_refuses_declared_length_without_reading():
+    app = RequestSizeLimitMiddleware(_reading_app, max_bytes=1000)
+    status, body = _call(app, [(b"content-length", b"1001")], [b"x" * 1001])
+    assert status == 413 and json.loads(body)["reason"] == "body_too_large"
+    assert _call(app, [(b"content-length", b"nope")], [b""])[0] == 400
+
+
+def test_limit_refuses_streamed_bodies_and_hides_the_apps_error():
+    app = RequestSizeLimitMiddleware(_reading_app, max_bytes=1000)
+    status, body = _call(app, [], [b"x" * 600, b"x" * 600])
+    assert status == 413 and json.loads(body)["limit_bytes"] == 1000
+
+
+# --- execution providers ---------------------------------------------------------------------------
+
+def test_resolve_providers():
+    from service.engine import ProviderError, resolve_providers
+
+    cpu, cuda = "CPUExecutionProvider", "CUDAExecutionProvider"
+    assert resolve_providers("auto", [cuda, cpu], gpu=False) == ([cpu], False)
+    assert resolve_providers("auto", [cuda, cpu], gpu=True) == ([cuda, cpu], False)
+    assert resolve_providers("auto", [cpu], gpu=True) == ([cpu], False)
+    assert resolve_providers("cpu", [cpu]) == ([cpu], True)
+    assert resolve_providers("CUDA", [cuda, cpu]) == ([cuda, cpu], True)
+    assert resolve_providers(f"{cuda}, {cpu}", [cuda, cpu]) == ([cuda, cpu], True)
+    with pytest.raises(ProviderError):
+        resolve_providers("cuda", [cpu])
+    with pytest.raises(ProviderError):
+        resolve_providers("TensorrtExecutionProvider", [cpu])
