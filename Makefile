@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DATA_MIRROR ?=
 PORT ?= 3000
+# dvc.yaml's commands run `python -m pipeline.<stage>`: make that the project's interpreter
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: run test install pipeline serve bench clean
 
@@ -31,7 +33,7 @@ run: pipeline
 
 serve: install
 	@if [ -f service/service.py ]; then \
-	  $(BIN)/bentoml serve service.service:Classifier --port $(PORT); \
+	  $(BIN)/bentoml serve service.service:Classifier --host 0.0.0.0 --port $(PORT); \
 	else echo "make run: the service does not exist yet; the pipeline is done"; fi
 
 test: install
