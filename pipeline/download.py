@@ -18,6 +18,7 @@ import shutil
 import socket
 import sys
 import tarfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,16 +146,20 @@ def read_image_folder(root: Path, channels: int, size: int) -> tuple[list[str], 
     return classes, Split(np.stack(images), np.asarray(labels, dtype=np.int64))
 
 
-def stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    """Carve `fraction` of every class out of `split` (deterministic for a seed): (rest, carved)."""
+def carve_per_class(split: Split, keep: Callable[[np.ndarray], Sequence[int]], seed: int) -> tuple[Split, Split]:
+    """Carve a random `keep(counts)[i]` images of the i-th class (in sorted label order) out of `split`,
+    deterministic for a seed; both parts keep the original order: (rest, carved)."""
     rng = np.random.default_rng(seed)
-    carved = []
-    for label in np.unique(split.labels):
-        members = np.flatnonzero(split.labels == label)
-        carved.append(rng.permutation(members)[: max(1, round(len(members) * fraction))])
+    labels, counts = np.unique(split.labels, return_counts=True)
+    carved = [rng.permutation(np.flatnonzero(split.labels == label))[:k] for label, k in zip(labels, keep(counts))]
     mask = np.zeros(len(split.labels), dtype=bool)
     mask[np.concatenate(carved)] = True
     return (Split(split.images[~mask], split.labels[~mask]), Split(split.images[mask], split.labels[mask]))
+
+
+def stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Carve `fraction` of every class (at least one image) out of `split`: (rest, carved)."""
+    return carve_per_class(split, lambda counts: [max(1, round(n * fraction)) for n in counts], seed)
 
 
 def load_image_folder_dataset(p: DataParams, name: str, root: Path, source: str) -> Dataset:
@@ -194,16 +199,34 @@ def load_cifar10(p: DataParams, raw_root: Path, mirror: Path | None) -> Dataset:
     return Dataset("cifar10", list(CIFAR10(str(raw_root), train=False).classes), splits["train"], splits["test"], source)
 
 
+def class_quotas(counts: np.ndarray, limit: int) -> np.ndarray:
+    """Images to keep per class so that they sum to exactly `limit` (< counts.sum()), proportional to
+    `counts` (largest remainder), with at least one per class while `limit` allows."""
+    exact = counts * limit / counts.sum()
+    quotas = np.floor(exact).astype(int)
+    if limit >= len(counts):
+        quotas = np.maximum(quotas, 1)
+    order = np.argsort(-(exact - np.floor(exact)), kind="stable")
+    while quotas.sum() > limit:  # the minimum of one per class took too many: take from the largest
+        quotas[np.argmax(quotas)] -= 1
+    for i in order[: max(0, limit - int(quotas.sum()))]:
+        quotas[i] += 1
+    return np.minimum(quotas, counts)
+
+
+def limit_split(split: Split, limit: int, seed: int) -> Split:
+    """A stratified sample of exactly `limit` images of `split` (all of it when `limit` is 0 or larger)."""
+    if not limit or len(split.labels) <= limit:
+        return split
+    return carve_per_class(split, lambda counts: class_quotas(counts, limit), seed)[1]
+
+
 def limit_dataset(ds: Dataset, limit: int, seed: int) -> Dataset:
     """A stratified sample of at most `limit` images per split (quick runs and tests)."""
-    def sample(split: Split) -> Split:
-        if not limit or len(split.labels) <= limit:
-            return split
-        return stratified_split(split, limit / len(split.labels), seed)[1]
-
     note = f"subset: at most {limit} images per split (data.limit)" if limit else ""
     notes = "; ".join(n for n in (ds.notes, note) if n)
-    return Dataset(ds.name, ds.classes, sample(ds.train), sample(ds.test), ds.source, notes)
+    return Dataset(ds.name, ds.classes, limit_split(ds.train, limit, seed), limit_split(ds.test, limit, seed),
+                   ds.source, notes)
 
 
 def fetch(p: DataParams, raw_root: Path = RAW_DIR, mirror: Path | None = None) -> Dataset:

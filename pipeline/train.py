@@ -489,9 +489,9 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         p = params.train_for(args.arch)
         device = resolve_device(p)
+        create_model(args.arch, 1, 10, 28, **params.models[args.arch].kwargs)  # bad kwargs fail before any work
         if not (PREPARED_DIR / "card.json").is_file():
             raise ParamsError(f"no prepared dataset in {PREPARED_DIR}: run `python -m pipeline.download` first")
-        create_model(args.arch, 1, 10, 28, **params.models[args.arch].kwargs)  # bad kwargs fail before any work
     except (ParamsError, ValueError) as err:
         print(f"train: error: {err}", file=sys.stderr)
         return 2
@@ -500,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
         configure_threads(ctx)
     try:
         train(args.arch, params, ctx=ctx, stop_after_epochs=args.stop_after_epochs)
+    except ParamsError as err:  # checks that need the data (batch size vs split size) come from train()
+        print(f"train: error: {err}", file=sys.stderr)
+        return 2
     except tracking.TrackingError as err:
         print(f"train: error: {err}", file=sys.stderr)
         return 3

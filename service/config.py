@@ -18,8 +18,10 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "CLASSIFIER_MODEL_VERSION": ("latest", "model version in the store (`latest` = newest)"),
     "CLASSIFIER_PROVIDERS": (
         "auto",
-        "ONNX Runtime providers: `auto` (CUDA when usable, else CPU), `cpu`, `cuda` (fail if CUDA is not active), "
-        "or a comma list such as `CUDAExecutionProvider,CPUExecutionProvider`",
+        "ONNX Runtime providers: `auto` (CUDA when usable, else CPU), `cpu`, `cuda` (CUDA; when it cannot start, "
+        "fall back to CPU with a loud warning in the log and `provider_warning`/`provider_fallback` in GET /metadata), "
+        "`cuda-only` (refuse to start unless CUDA is active), or a comma list such as "
+        "`CUDAExecutionProvider,CPUExecutionProvider` (strict about the first)",
     ),
     "CLASSIFIER_ORT_THREADS": ("0", "ONNX Runtime intra-op threads per runtime worker; 0 = CPU count / runtime workers"),
     "CLASSIFIER_RUNTIME_WORKERS": ("1", "worker processes of the model (runtime) service"),

@@ -24,7 +24,14 @@ logger = logging.getLogger("bentoml.classifier.engine")
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-_ALIASES = {"cpu": [CPU], "cuda": [CUDA, CPU], "gpu": [CUDA, CPU]}
+#: setting -> (providers, strict). ``cuda``/``gpu`` fall back to CPU (loudly); ``*-only`` refuse to.
+_ALIASES = {
+    "cpu": ([CPU], True),
+    "cuda": ([CUDA, CPU], False),
+    "gpu": ([CUDA, CPU], False),
+    "cuda-only": ([CUDA, CPU], True),
+    "gpu-only": ([CUDA, CPU], True),
+}
 
 
 class ProviderError(RuntimeError):
@@ -49,9 +56,14 @@ def resolve_providers(
     """Map a ``CLASSIFIER_PROVIDERS`` value to ``(providers to request, strict)``.
 
     ``auto``: CUDA then CPU when the CUDA provider is installed and a driver is present, else CPU
-    (not strict: falling back to CPU is allowed, and logged). ``cpu``; ``cuda``/``gpu`` (strict: the
-    service refuses to start if CUDA does not become active). A comma list of ONNX Runtime provider
-    names is requested as given (strict about the first one).
+    (not strict: falling back to CPU is allowed, and logged). ``cpu``. ``cuda``/``gpu``: CUDA then
+    CPU, not strict: when CUDA cannot start (no GPU, no driver, CUDA/cuDNN libraries missing, or an
+    onnxruntime build without the CUDA provider) the session runs on CPU, with a loud warning in the
+    log and ``provider_warning`` in the model description (``GET /metadata``).
+    ``cuda-only``/``gpu-only``: strict, the service refuses to start unless CUDA is active. A comma
+    list of ONNX Runtime provider names is requested as given (strict about the first one).
+    Providers missing from this onnxruntime build are kept in a non-strict list (the caller drops
+    them before creating the session and reports the fallback); a strict setting naming one is an error.
     """
     if available is None:
         import onnxruntime as ort
@@ -62,19 +74,20 @@ def resolve_providers(
     if key == "auto":
         use_cuda = CUDA in available and (cuda_driver_present() if gpu is None else gpu)
         return ([CUDA, CPU] if use_cuda else [CPU]), False
+    strict = True
     if key in _ALIASES:
-        wanted = list(_ALIASES[key])
+        wanted, strict = list(_ALIASES[key][0]), _ALIASES[key][1]
     else:
         wanted = [p.strip() for p in value.split(",") if p.strip()]
         if not wanted:
             raise ProviderError(f"CLASSIFIER_PROVIDERS={setting!r} names no provider")
     missing = [p for p in wanted if p not in available]
-    if missing:
+    if missing and strict:
         raise ProviderError(
             f"CLASSIFIER_PROVIDERS={setting!r}: provider(s) {missing} are not available in this onnxruntime "
             f"build (available: {list(available)})"
         )
-    return wanted, True
+    return wanted, strict
 
 
 class OnnxClassifier:
@@ -91,7 +104,11 @@ class OnnxClassifier:
         import onnxruntime as ort
 
         self.path = str(path)
+        if available_providers is None:
+            available_providers = ort.get_available_providers()
         requested, strict = resolve_providers(providers, available_providers)
+        # a non-strict request may name a provider this build lacks: ask ONNX Runtime for the rest only
+        session_providers = [p for p in requested if p in available_providers] or [CPU]
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(1, int(intra_op_threads))
         options.inter_op_num_threads = 1
@@ -99,7 +116,7 @@ class OnnxClassifier:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # idle intra-op threads must not spin: the CPU is shared with decoding in the API process
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(self.path, sess_options=options, providers=requested)
+        self.session = ort.InferenceSession(self.path, sess_options=options, providers=session_providers)
         self.requested_providers = requested
         self.active_providers = list(self.session.get_providers())
         self.intra_op_threads = options.intra_op_num_threads
@@ -107,11 +124,12 @@ class OnnxClassifier:
         self.provider_warning: str | None = None
         if fell_back:
             self.provider_warning = (
-                f"requested execution providers {requested} but ONNX Runtime activated {self.active_providers}: "
-                f"{fell_back} could not start (CUDA/cuDNN libraries or a GPU missing?)"
+                f"CLASSIFIER_PROVIDERS={providers!r}: requested execution providers {requested} but ONNX Runtime "
+                f"activated {self.active_providers}: {fell_back} could not start (CUDA/cuDNN libraries or a GPU "
+                f"missing?); FALLING BACK TO CPU"
             )
             if strict and requested[0] not in self.active_providers:
-                raise ProviderError(self.provider_warning)
+                raise ProviderError(self.provider_warning.replace("; FALLING BACK TO CPU", "; refusing to start (strict)"))
 
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         self.spec = PreprocessSpec.from_metadata(self.metadata)
@@ -183,5 +201,6 @@ class OnnxClassifier:
             "requested_providers": list(self.requested_providers),
             "active_providers": list(self.active_providers),
             "provider_warning": self.provider_warning,
+            "provider_fallback": self.provider_warning is not None,
             "intra_op_threads": self.intra_op_threads,
         }

@@ -220,7 +220,9 @@ def _to_8bit(img: Image.Image) -> Image.Image:
         arr = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
         return Image.fromarray(arr, mode="L")
     if img.mode == "F":  # no defined range: clip to 0..255 like Pillow's own conversion
-        arr = np.clip(np.rint(np.nan_to_num(np.asarray(img, dtype=np.float64))), 0, 255).astype(np.uint8)
+        with np.errstate(invalid="ignore"):  # signalling-NaN bit patterns warn on the float64 cast
+            arr = np.asarray(img, dtype=np.float64)
+        arr = np.clip(np.rint(np.nan_to_num(arr)), 0, 255).astype(np.uint8)
         return Image.fromarray(arr, mode="L")
     return img
 

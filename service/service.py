@@ -3,7 +3,8 @@
 Two services run as separate processes (``bentoml serve`` starts both):
 
 - ``Classifier`` (public): ``POST /classify`` (multipart), ``POST /classify_base64`` (JSON),
-  ``GET|POST /metadata``, plus BentoML's ``/livez``, ``/readyz``, ``/metrics`` and OpenAPI docs. It
+  ``GET|POST /metadata``, a web page at ``GET /ui`` (``service.ui``), plus BentoML's ``/livez``,
+  ``/readyz``, ``/metrics`` and OpenAPI docs. It
   parses and validates uploads, decodes + preprocesses them (``service.preprocessing``, in a thread
   pool) and sends one ``float32 [n, C, H, W]`` array per request (split into chunks of at most
   ``CLASSIFIER_MAX_BATCH_SIZE``) to the runtime.
@@ -38,6 +39,7 @@ from service.engine import OnnxClassifier
 from service.limits import RequestSizeLimitMiddleware
 from service.postprocessing import predictions
 from service.preprocessing import ImageError, PreprocessSpec, image_to_array, normalize
+from service.ui import ServerTimingMiddleware, ui_routes
 
 CONFIG = ServiceConfig.from_env()
 MODEL_FILE = "model.onnx"  # as written by pipeline/bento_store.py
@@ -61,6 +63,23 @@ class Rejection:
 
     def response(self) -> JSONResponse:
         return error_response(self.status, self.error, self.reason, **self.extra)
+
+
+MAX_NAME_CHARS = 100
+
+
+def display_name(filename: Optional[str], index: int) -> str:
+    """A client's file name made safe to echo in JSON errors and logs (it never touches the filesystem).
+
+    Only the last path component is kept (``../../etc/passwd`` -> ``passwd``), control characters
+    (NUL, CR/LF, ...) are dropped and the result is cut to ``MAX_NAME_CHARS``; an empty result
+    becomes ``images[i]``.
+    """
+    name = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if ch.isprintable()).strip()
+    if len(name) > MAX_NAME_CHARS:
+        name = name[:MAX_NAME_CHARS - 3] + "..."
+    return name if name not in ("", ".", "..") else f"{FIELD}[{index}]"
 
 
 class Upload:
@@ -144,7 +163,7 @@ class ClassifyMultipart(bentoml.IODescriptor):
                         400, f"form field '{FIELD}' #{len(uploads)} is text, not a file upload", "not_a_file",
                         index=len(uploads), file=f"{FIELD}[{len(uploads)}]"), top_k=None)
                 index = len(uploads)
-                uploads.append(Upload(index, value.filename or f"{FIELD}[{index}]", await value.read()))
+                uploads.append(Upload(index, display_name(value.filename, index), await value.read()))
             elif key == "top_k" and isinstance(value, str):
                 top_k = value
             else:
@@ -240,6 +259,8 @@ class Prediction(BaseModel):
     # every `max_requests` calls / `max_age` seconds ("Server disconnected" under load): recycle
     # (almost) never; _call_runtime also retries connection-level failures.
     runner_connection={"max_requests": 1_000_000_000, "max_age": 1e9},
+    logging={"access": {"enabled": False}},
+    tracing={"excluded_urls": ["/predict"]},
 )
 class ClassifierRuntime:
     """Internal service: the ONNX model behind BentoML adaptive batching (``predict``)."""
@@ -251,13 +272,19 @@ class ClassifierRuntime:
         stored = self.model_ref
         path = stored.path_of(MODEL_FILE)
         started = time.perf_counter()
-        self.engine = OnnxClassifier(path, providers=CONFIG.providers, intra_op_threads=CONFIG.intra_op_threads)
+        try:
+            self.engine = OnnxClassifier(path, providers=CONFIG.providers, intra_op_threads=CONFIG.intra_op_threads)
+        except Exception as err:  # one clear line before BentoML's traceback; the runtime never becomes ready
+            logger.error(
+                "cannot serve model %s from %s: %s: %s (CLASSIFIER_MODEL_NAME/CLASSIFIER_MODEL_VERSION select the "
+                "model; see docs/model-contract.md)", stored.tag, path, type(err).__name__, err)
+            raise
         logger.info(
             "model %s loaded from %s: ONNX Runtime providers requested %s, ACTIVE %s, intra-op threads %d",
             stored.tag, path, self.engine.requested_providers, self.engine.active_providers, self.engine.intra_op_threads,
         )
         if self.engine.provider_warning:
-            logger.warning("%s", self.engine.provider_warning)
+            logger.warning("EXECUTION PROVIDER FALLBACK: %s", self.engine.provider_warning)
         warmup_s = self.engine.warmup((1, CONFIG.max_batch_size))
         logger.info("warm-up (batch 1 and %d) took %.3fs; load + warm-up %.3fs",
                     CONFIG.max_batch_size, warmup_s, time.perf_counter() - started)
@@ -299,7 +326,7 @@ async def _get_metadata(request: Request) -> JSONResponse:
     return result if isinstance(result, JSONResponse) else JSONResponse(result)
 
 
-_metadata_app = Starlette(routes=[Route("/metadata", _get_metadata, methods=["GET"])])
+_metadata_app = Starlette(routes=[Route("/metadata", _get_metadata, methods=["GET"]), *ui_routes()])
 
 
 @bentoml.asgi_app(_metadata_app, path="/")
@@ -340,8 +367,16 @@ class Classifier:
         return self._description, self._spec
 
     async def __is_ready__(self) -> bool:
+        """Ready once the runtime has described its model and answers its own readiness probe.
+
+        BentoML's dependency probe (run after this one) lets a connection error escape as a 500 while
+        a killed runtime worker is being restarted; probing here first makes that window a 503.
+        """
         try:
             await asyncio.wait_for(self._model(), timeout=5)
+            probe = getattr(self.runtime, "is_ready", None)  # absent on the in-process test fakes
+            if probe is not None and not await asyncio.wait_for(probe(2), timeout=3):
+                return False
         except Exception:
             return False
         return True
@@ -434,7 +469,7 @@ class Classifier:
         probability) and ``top_k`` (the k most probable classes; k from the ``top_k`` form field or
         ``CLASSIFIER_TOP_K``).
         """
-        return await self._classify(images, top_k)
+        return _ready_response(await self._classify(images, top_k))
 
     @bentoml.api(route="/classify_base64", input_spec=ClassifyBase64)
     async def classify_base64(self, images: Any, top_k: Any = None) -> list[Prediction]:
@@ -442,7 +477,7 @@ class Classifier:
 
         Same response as ``/classify``; items that fail are named ``images[i]`` in errors.
         """
-        return await self._classify(images, top_k)
+        return _ready_response(await self._classify(images, top_k))
 
     @bentoml.api(route="/metadata", input_spec=NoInput)
     async def metadata(self) -> dict:
@@ -472,3 +507,24 @@ class Classifier:
 
 
 Classifier.add_asgi_middleware(RequestSizeLimitMiddleware, max_bytes=CONFIG.max_request_bytes)
+Classifier.add_asgi_middleware(ServerTimingMiddleware)  # Server-Timing: app;dur=<ms> (shown by /ui)
+
+
+def _ready_response(result: Any) -> Any:
+    """Predictions as a ready JSON response: BentoML would otherwise rebuild the output type's JSON
+    schema (to pick a media type) and validate every item with pydantic on each request, about 30%
+    of the public process' CPU for single-image requests (bench/serve.py --profile)."""
+    return JSONResponse(result) if isinstance(result, list) else result
+
+
+def _fix_media_types(*services: Any) -> None:
+    """Compute each API's response media type once: BentoML 1.4 derives it from the output's JSON
+    schema, regenerated on every response (per batch in the runtime) unless ``media_type`` is set."""
+    for svc in services:
+        for method in svc.apis.values():
+            spec = method.output_spec
+            if getattr(spec, "media_type", None) is None:
+                spec.media_type = spec.mime_type()
+
+
+_fix_media_types(ClassifierRuntime, Classifier)

@@ -6,42 +6,15 @@ exercise the parity gate, the champion/challenger gate, manual promotion and rol
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
-import yaml
 from onnx import numpy_helper
 
-REPO = Path(__file__).resolve().parents[1]
-MIRROR = Path(os.environ.get("DATA_MIRROR") or REPO.parent / "shared" / "data")
+from tests.stages import run_stage, write_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-
-
-def run_stage(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DATA_MIRROR": str(MIRROR),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
-    out = subprocess.run([sys.executable, "-m", *args], cwd=project, env=env, capture_output=True, text=True,
-                         timeout=600)
-    if check and out.returncode != 0:
-        raise AssertionError(f"{args} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
-    return out
-
-
-def write_params(project: Path, models: dict, **promote) -> Path:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"]["limit"] = 3000
-    params["train"].update(experiment="test-registry", batch_size=64)
-    params["models"] = models
-    params["promote"].update(promote)
-    path = project / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +35,8 @@ def promote(project: Path, *args: str, models: dict | None = None, check: bool =
     return run_stage(project, "pipeline.promote", *args, check=check)
 
 
-def registry(project: Path):
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
+def registry(project: Path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
     from pipeline import tracking
 
     return tracking
@@ -116,8 +89,8 @@ def test_tampered_onnx_fails_the_parity_gate(project):
     assert not report["passed"] and report["max_abs_logit_diff"] > 1e-4
 
 
-def test_gate_keeps_a_worse_challenger_out_then_manual_promote_and_rollback(project):
-    tracking = registry(project)
+def test_gate_keeps_a_worse_challenger_out_then_manual_promote_and_rollback(project, monkeypatch):
+    tracking = registry(project, monkeypatch)
     name = "image-classifier"
     first = promote(project, models={"cnn": {"epochs": 2, "lr": 0.05}})
     assert "champion" in first.stdout
@@ -151,8 +124,8 @@ def test_gate_keeps_a_worse_challenger_out_then_manual_promote_and_rollback(proj
     assert history[-2]["reason"] == "test: manual promotion"
 
 
-def test_versions_that_failed_parity_are_refused(project):
-    tracking = registry(project)
+def test_versions_that_failed_parity_are_refused(project, monkeypatch):
+    tracking = registry(project, monkeypatch)
     name = "image-classifier"
     promote(project, models={"cnn": {"epochs": 2, "lr": 0.05}})
     victim = tracking.version_by_alias(name, "challenger") or tracking.list_versions(name)[-1]

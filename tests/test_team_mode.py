@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_registry import MIRROR, REPO, write_params
+from tests.stages import run_stage, stage_env, write_params
 
 PG_BIN = Path("/usr/lib/postgresql")
 
@@ -109,11 +109,7 @@ def mlflow_server(postgres, tmp_path_factory):
 
 
 def stage(project: Path, uri: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DATA_MIRROR": str(MIRROR), "MLFLOW_TRACKING_URI": uri}
-    out = subprocess.run([sys.executable, "-m", *args], cwd=project, env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, f"{args}:\n{out.stdout}\n{out.stderr}"
-    return out
+    return run_stage(project, *args, env=stage_env(project, MLFLOW_TRACKING_URI=uri))
 
 
 def psql(postgres_url: str, query: str) -> list[str]:
@@ -124,7 +120,7 @@ def psql(postgres_url: str, query: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_pipeline_against_mlflow_server_on_postgresql(postgres, mlflow_server, tmp_path):
+def test_pipeline_against_mlflow_server_on_postgresql(postgres, mlflow_server, tmp_path, monkeypatch):
     write_params(tmp_path, {"cnn": {"epochs": 1}})
     stage(tmp_path, mlflow_server, "pipeline.download")
     for name in ("pipeline.train", "pipeline.evaluate", "pipeline.export"):
@@ -143,27 +139,22 @@ def test_pipeline_against_mlflow_server_on_postgresql(postgres, mlflow_server, t
     assert {"val_acc", "train_loss", "test_acc", "parity_max_abs_logit_diff"} <= metric_keys
 
     # and the champion can be fetched back through the server (what the package stage does)
-    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
-    try:
-        from pipeline import tracking
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    from pipeline import tracking
 
-        champion = tracking.version_by_alias("image-classifier", "champion")
-        folder = tracking.download_version("image-classifier", champion["version"], tmp_path / "dl")
-        assert (folder / "model.onnx").stat().st_size > 1000
-    finally:
-        del os.environ["MLFLOW_TRACKING_URI"]
+    champion = tracking.version_by_alias("image-classifier", "champion")
+    folder = tracking.download_version("image-classifier", champion["version"], tmp_path / "dl")
+    assert (folder / "model.onnx").stat().st_size > 1000
 
 
 def test_unreachable_tracking_server_fails_fast(tmp_path):
     write_params(tmp_path, {"cnn": {"epochs": 1}})
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DATA_MIRROR": str(MIRROR)}
-    subprocess.run([sys.executable, "-m", "pipeline.download"], cwd=tmp_path, env=env, check=True,
-                   capture_output=True, timeout=300)
-    env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    run_stage(tmp_path, "pipeline.download")
+    unreachable = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     start = time.time()
-    out = subprocess.run([sys.executable, "-m", "pipeline.train", "--arch", "cnn"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
+    out = run_stage(tmp_path, "pipeline.train", "--arch", "cnn", check=False,
+                    env=stage_env(tmp_path, MLFLOW_TRACKING_URI=unreachable))
     assert out.returncode == 3
-    assert "unreachable" in out.stderr and env["MLFLOW_TRACKING_URI"] in out.stderr
+    assert "unreachable" in out.stderr and unreachable in out.stderr
     assert time.time() - start < 60
     assert not (tmp_path / "outputs" / "cnn" / "model.pt").exists()

@@ -74,9 +74,19 @@ def test_contract_violations_are_refused(tiny_onnx_model, tmp_path):
 
 @pytest.mark.skipif(cuda_usable(), reason="this machine has a usable GPU")
 def test_strict_cuda_without_gpu_refuses_to_start(tiny_onnx_model):
-    """ONNX Runtime would silently run on CPU; `cuda` must not."""
-    with pytest.raises(ProviderError):
-        OnnxClassifier(tiny_onnx_model, providers="cuda")
+    """ONNX Runtime would silently run on CPU; `cuda-only` must not."""
+    with pytest.raises(ProviderError, match="strict"):
+        OnnxClassifier(tiny_onnx_model, providers="cuda-only")
+
+
+@pytest.mark.skipif(cuda_usable(), reason="this machine has a usable GPU")
+@pytest.mark.parametrize("available", [None, ["CPUExecutionProvider"]], ids=["cuda-build", "cpu-only-build"])
+def test_cuda_without_gpu_falls_back_to_cpu_and_says_so(tiny_onnx_model, available):
+    engine = OnnxClassifier(tiny_onnx_model, providers="cuda", available_providers=available)
+    assert engine.active_providers == ["CPUExecutionProvider"]
+    info = engine.describe()
+    assert info["requested_providers"][0] == "CUDAExecutionProvider" and info["provider_fallback"] is True
+    assert "FALLING BACK TO CPU" in info["provider_warning"]
 
 
 def test_auto_without_gpu_runs_on_cpu(tiny_onnx_model):

@@ -132,9 +132,11 @@ def test_resolve_providers():
     assert resolve_providers("auto", [cuda, cpu], gpu=True) == ([cuda, cpu], False)
     assert resolve_providers("auto", [cpu], gpu=True) == ([cpu], False)
     assert resolve_providers("cpu", [cpu]) == ([cpu], True)
-    assert resolve_providers("CUDA", [cuda, cpu]) == ([cuda, cpu], True)
+    assert resolve_providers("CUDA", [cuda, cpu]) == ([cuda, cpu], False)  # falls back to CPU (loudly)
+    assert resolve_providers("cuda", [cpu]) == ([cuda, cpu], False)  # even without the CUDA provider
+    assert resolve_providers("cuda-only", [cuda, cpu]) == ([cuda, cpu], True)
     assert resolve_providers(f"{cuda}, {cpu}", [cuda, cpu]) == ([cuda, cpu], True)
     with pytest.raises(ProviderError):
-        resolve_providers("cuda", [cpu])
+        resolve_providers("cuda-only", [cpu])
     with pytest.raises(ProviderError):
         resolve_providers("TensorrtExecutionProvider", [cpu])
