@@ -2,8 +2,7 @@
 
     .venv/bin/python bench/serve.py --profile --wait-quiet 300     # both models, 2 rounds of 10 s cells (~15 min)
     .venv/bin/python bench/serve.py --models cnn --duration 5 --repeat 1
-    .venv/bin/python bench/serve.py --service-env CLASSIFIER_API_WORKERS=2 \
-        --service-env CLASSIFIER_MAX_CONCURRENCY=128 --tag recommended
+    .venv/bin/python bench/serve.py --service-env CLASSIFIER_WORKERS=1 --tag one-worker
     .venv/bin/python bench/serve.py --rebuild bench/results/serve-<date>.json   # re-derive tables/targets
 
 For each model:
@@ -25,15 +24,14 @@ Loads (``wrk`` with ``bench/serve_wrk.lua``, one wrk thread, every cell bounded 
 single-image PNG requests at concurrency 1, 8, 32, 64 (both servers) and 64-image multipart requests
 (BentoML only: the naive API takes one image per request). Reported: requests/s, images/s,
 p50/p99 latency, errors (non-2xx, socket errors, timeouts), the requests and images per model call
-the service's adaptive batching formed (``bentoml_service_adaptive_batch_size`` sum/count from
-``/metrics``; it counts requests merged per call, so images per call = that x images per runtime
-request), CPU used by each server process, readiness time after start, peak RSS.
+the service's micro-batching formed (``classifier_batch_size`` sum/count from ``/metrics``: images
+per model call; requests per call = that / images per request chunk), CPU used by each server process, readiness time after start, peak RSS.
 ``--profile`` adds, after the measured cells, one extra run of each target cell under py-spy
-(API and runtime processes), summarised by where the time goes.
+(the service's worker processes), summarised by where the time goes.
 
 Writes bench/results/serve-<date>[-<tag>].json and .md (machine, load averages, versions, command);
 ``--rebuild RESULT.json`` recomputes a result's summary, targets and .md. Throughput counts requests
-answered 200 only; non-2xx answers (e.g. 503 when adaptive batching sheds load) are errors.
+answered 200 only; non-2xx answers (e.g. 503 when the micro-batcher sheds load) are errors.
 Needs: wrk (``apt-get install -y wrk``); py-spy for --profile (``pip install py-spy``).
 """
 from __future__ import annotations
@@ -201,8 +199,6 @@ def free_port() -> int:
 
 def role_of(cmdline: list[str]) -> str:
     text = " ".join(cmdline)
-    if "--service-name classifier-runtime" in text:
-        return "runtime"
     if "--service-name image-classifier" in text:
         return "api"
     if "bentoml serve" in text or "bentoml.__main__" in text or " -m bentoml " in f" {text} ":
@@ -389,17 +385,15 @@ def run_wrk(url: str, bodies: Path, concurrency: int, duration: float, out_json:
 
 
 def batch_metrics(url: str) -> tuple[float, float]:
-    """(requests merged, model calls) of the runtime's predict API so far, from /metrics."""
+    """(images, model calls) of the service's micro-batcher so far (all workers), from /metrics."""
     import httpx
 
     merged = calls = 0.0
     text = httpx.get(url + "/metrics", timeout=10).text
     for line in text.splitlines():
-        if 'method_name="predict"' not in line:
-            continue
-        if line.startswith("bentoml_service_adaptive_batch_size_sum{"):
+        if line.startswith("classifier_batch_size_sum"):
             merged += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("bentoml_service_adaptive_batch_size_count{"):
+        elif line.startswith("classifier_batch_size_count"):
             calls += float(line.rsplit(" ", 1)[1])
     return merged, calls
 
@@ -505,12 +499,12 @@ def load_cell(server: Server, bm: BenchModel, load: str, per_request: int, concu
     }
     rates(row)
     if before_metrics is not None:
-        merged, calls = (a - b for a, b in zip(batch_metrics(server.url), before_metrics))
-        per_runtime_request = min(per_request, max_batch)
+        images, calls = (a - b for a, b in zip(batch_metrics(server.url), before_metrics))
+        per_chunk = min(per_request, max_batch)  # a request's images go to the batcher in chunks of max_batch
         row["batching"] = {
-            "model_calls": int(calls), "requests_merged": int(merged),
-            "requests_per_call": round(merged / calls, 2) if calls else None,
-            "images_per_call": round(merged * per_runtime_request / calls, 2) if calls else None,
+            "model_calls": int(calls), "images": int(images),
+            "requests_per_call": round(images / per_chunk / calls, 2) if calls else None,
+            "images_per_call": round(images / calls, 2) if calls else None,
         }
     b = row.get("batching") or {}
     print(f"    {bm.name:8s} {server.kind:7s} {load:7s} c={concurrency:2d}: {row['req_per_s']:8.1f} req/s "
@@ -533,8 +527,7 @@ CATEGORIES = [
     ("normalize (numpy)", ("normalize (service/preprocessing",)),
     ("postprocess (softmax/top-k dicts)", ("service/postprocessing",)),
     ("multipart/body parsing", ("from_http_request", "formparsers", "multipart/", "_get_form")),
-    ("runtime client (aiohttp + pickle to runtime)", ("_call_runtime", "proxy2.py", "aiohttp/", "serde.py")),
-    ("batching dispatcher", ("dispatcher.py", "batches_to_batch", "batch_to_batches")),
+    ("micro-batcher", ("service/batcher.py",)),
     ("response serialization", ("to_http_response", "IterableResponse", "json/encoder", "JSONResponse", "render (")),
     ("logging/metrics/tracing", ("logging/__init__", "prometheus_client", "opentelemetry/sdk", "trace/__init__",
                                  "_decorator.py", "access.py", "instruments.py")),
@@ -574,7 +567,7 @@ def profile_cell(server: Server, bm: BenchModel, load: str, per_request: int, co
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     pids = server.tree.pids()
     targets = {(role if i == 0 else f"{role}#{i + 1}"): pid  # every worker: connections may all land on one
-               for role in ("api", "runtime", "naive") for i, pid in enumerate(sorted(pids.get(role, [])))}
+               for role in ("api", "naive") for i, pid in enumerate(sorted(pids.get(role, [])))}
     spy_seconds = max(2, round(duration) - 2)
     env = {**os.environ, "WRK_BODY_DIR": str(bodies), "WRK_BODY_COUNT": str(len(list(bodies.glob("body_*.bin")))),
            "WRK_PATH": "/classify", "WRK_CONTENT_TYPE": f"multipart/form-data; boundary={BOUNDARY}",
@@ -764,7 +757,7 @@ def run(args: argparse.Namespace) -> dict:
 
                             meta = httpx.get(server.url + "/metadata", timeout=10).json()
                             info[kind]["metadata"] = {k: meta.get(k) for k in (
-                                "active_providers", "intra_op_threads", "batching", "runtime_workers", "limits")}
+                                "active_providers", "intra_op_threads", "batching", "workers", "limits")}
                     run_wrk(server.url, single, 8, args.warmup, workdir / "wrk-warmup.json")  # warm-up, not recorded
                     settle(server)
                 for rep in range(args.repeat):

@@ -23,18 +23,29 @@ ENV_VARS: dict[str, tuple[str, str]] = {
         "`cuda-only` (refuse to start unless CUDA is active), or a comma list such as "
         "`CUDAExecutionProvider,CPUExecutionProvider` (strict about the first)",
     ),
-    "CLASSIFIER_ORT_THREADS": ("0", "ONNX Runtime intra-op threads per runtime worker; 0 = CPU count / runtime workers"),
-    "CLASSIFIER_RUNTIME_WORKERS": ("1", "worker processes of the model (runtime) service"),
-    "CLASSIFIER_API_WORKERS": ("1", "worker processes of the public HTTP service (decoding, preprocessing)"),
-    "CLASSIFIER_MAX_BATCH_SIZE": ("64", "adaptive batching: most images per model call"),
-    "CLASSIFIER_MAX_LATENCY_MS": ("1000", "adaptive batching: latency budget; requests predicted to miss it get 503"),
+    "CLASSIFIER_WORKERS": ("0", "worker processes, each with its own ONNX Runtime session and micro-batcher; "
+                           "0 = one per CPU (with CUDA, 1-2 workers keep the GPU busy)"),
+    "CLASSIFIER_ORT_THREADS": ("0", "ONNX Runtime intra-op threads per worker; 0 = CPU count / workers"),
+    "CLASSIFIER_MAX_BATCH_SIZE": ("64", "micro-batching: most images per model call"),
+    "CLASSIFIER_MAX_LATENCY_MS": ("1000", "micro-batching: latency budget; requests predicted to wait longer get 503"),
+    "CLASSIFIER_KEEPALIVE_REQUESTS": ("20", "with several workers, ~1 in N responses closes its keep-alive connection so that "
+                                      "clients reconnect to an idle worker (0 = never)"),
+    "CLASSIFIER_ACCESS_LOG": ("1", "1 = one log line per request (BentoML's access log), 0 = none (an ingress or load "
+                              "balancer usually logs requests already)"),
+    "CLASSIFIER_TRACING": ("0", "1 = OpenTelemetry spans for every request (configure BentoML's `tracing` exporter and "
+                           "sample_rate too); 0 = no tracing middleware work at all (it cost ~25 % of the CPU of a "
+                           "small-image request even with nothing sampled)"),
     "CLASSIFIER_TOP_K": ("5", "default number of entries in `top_k` (capped at the number of classes)"),
     "CLASSIFIER_MAX_IMAGES": ("64", "most images in one request (more -> 413)"),
     "CLASSIFIER_MAX_REQUEST_BYTES": (str(32 * 1024 * 1024), "largest request body in bytes (more -> 413)"),
     "CLASSIFIER_MAX_IMAGE_PIXELS": (str(DEFAULT_MAX_PIXELS), "largest image in pixels, width*height (more -> 413)"),
-    "CLASSIFIER_MAX_CONCURRENCY": ("64", "requests in flight per public service before answering 429"),
+    "CLASSIFIER_MAX_CONCURRENCY": ("64", "requests in flight per worker before answering 429"),
     "CLASSIFIER_REQUEST_TIMEOUT_S": ("30", "per-request timeout in seconds (-> 504)"),
 }
+
+
+#: variables of the earlier two-service layout (API workers + a model-runtime service) -> replacement
+RENAMED = {"CLASSIFIER_API_WORKERS": "CLASSIFIER_WORKERS", "CLASSIFIER_RUNTIME_WORKERS": "CLASSIFIER_WORKERS"}
 
 
 def _int(env: Mapping[str, str], name: str, minimum: int) -> int:
@@ -48,16 +59,25 @@ def _int(env: Mapping[str, str], name: str, minimum: int) -> int:
     return value
 
 
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower() or ENV_VARS[name][0]
+    if raw not in ("0", "1", "true", "false", "yes", "no"):
+        raise ValueError(f"{name}={raw!r} must be 1 or 0")
+    return raw in ("1", "true", "yes")
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     model_name: str = "image-classifier"
     model_version: str = "latest"
     providers: str = "auto"
     ort_threads: int = 0
-    runtime_workers: int = 1
-    api_workers: int = 1
+    workers: int = 0  # 0 -> cpu_count, resolved by from_env
     max_batch_size: int = 64
     max_latency_ms: int = 1000
+    keepalive_requests: int = 20
+    access_log: bool = True
+    tracing: bool = False
     top_k: int = 5
     max_images: int = 64
     max_request_bytes: int = 32 * 1024 * 1024
@@ -72,10 +92,10 @@ class ServiceConfig:
 
     @property
     def intra_op_threads(self) -> int:
-        """Threads per ONNX Runtime session: explicit, or the CPUs shared among runtime workers."""
+        """Threads per ONNX Runtime session: explicit, or the CPUs shared among the workers."""
         if self.ort_threads > 0:
             return self.ort_threads
-        return max(1, self.cpu_count // self.runtime_workers)
+        return max(1, self.cpu_count // max(1, self.workers))
 
     def as_dict(self) -> dict:
         return {**asdict(self), "model_tag": self.model_tag, "intra_op_threads": self.intra_op_threads}
@@ -87,21 +107,28 @@ class ServiceConfig:
         version = env.get("CLASSIFIER_MODEL_VERSION", "").strip() or "latest"
         if ":" in name:
             raise ValueError(f"CLASSIFIER_MODEL_NAME={name!r} must be a bare name; put the version in CLASSIFIER_MODEL_VERSION")
+        for old in RENAMED:
+            if env.get(old, "").strip():
+                raise ValueError(f"{old} is gone: the model now runs in every worker; set {RENAMED[old]} instead")
         providers = env.get("CLASSIFIER_PROVIDERS", "").strip() or "auto"
-        max_batch_size = _int(env, "CLASSIFIER_MAX_BATCH_SIZE", 2)  # BentoML requires > 1
+        max_batch_size = _int(env, "CLASSIFIER_MAX_BATCH_SIZE", 1)
+        cpu_count = os.cpu_count() or 1
         return cls(
             model_name=name,
             model_version=version,
             providers=providers,
             ort_threads=_int(env, "CLASSIFIER_ORT_THREADS", 0),
-            runtime_workers=_int(env, "CLASSIFIER_RUNTIME_WORKERS", 1),
-            api_workers=_int(env, "CLASSIFIER_API_WORKERS", 1),
+            workers=_int(env, "CLASSIFIER_WORKERS", 0) or cpu_count,
             max_batch_size=max_batch_size,
             max_latency_ms=_int(env, "CLASSIFIER_MAX_LATENCY_MS", 1),
+            keepalive_requests=_int(env, "CLASSIFIER_KEEPALIVE_REQUESTS", 0),
+            access_log=_flag(env, "CLASSIFIER_ACCESS_LOG"),
+            tracing=_flag(env, "CLASSIFIER_TRACING"),
             top_k=_int(env, "CLASSIFIER_TOP_K", 1),
             max_images=_int(env, "CLASSIFIER_MAX_IMAGES", 1),
             max_request_bytes=_int(env, "CLASSIFIER_MAX_REQUEST_BYTES", 1024),
             max_image_pixels=_int(env, "CLASSIFIER_MAX_IMAGE_PIXELS", 1),
             max_concurrency=_int(env, "CLASSIFIER_MAX_CONCURRENCY", 1),
             request_timeout_s=_int(env, "CLASSIFIER_REQUEST_TIMEOUT_S", 1),
+            cpu_count=cpu_count,
         )

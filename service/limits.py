@@ -1,4 +1,5 @@
-"""A pure-ASGI request-body size limit (BentoML has none): over the limit -> 413 with a JSON body.
+"""Pure-ASGI middleware: a request-body size limit (BentoML has none; over it -> 413 with a JSON
+body) and connection recycling (``ConnectionRecycleMiddleware``, below).
 
 A ``Content-Length`` over the limit is refused before the body is read. A body without a length
 (chunked upload) is counted as it streams; once it passes the limit the application's own response
@@ -7,6 +8,7 @@ A ``Content-Length`` over the limit is refused before the body is read. A body w
 from __future__ import annotations
 
 import json
+import random
 from typing import Any, Awaitable, Callable
 
 Scope = dict[str, Any]
@@ -15,7 +17,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-__all__ = ["RequestSizeLimitMiddleware", "json_error_body"]
+__all__ = ["ConnectionRecycleMiddleware", "RequestSizeLimitMiddleware", "json_error_body"]
 
 
 def json_error_body(status: int, error: str, reason: str, **extra: Any) -> bytes:
@@ -101,3 +103,33 @@ class RequestSizeLimitMiddleware:
             pass
         if exceeded and not response_started:
             await self._reply(send, 413, self._too_large())
+
+
+class ConnectionRecycleMiddleware:
+    """Ask HTTP/1.1 clients to reconnect now and then (``Connection: close`` on ~1 in ``every`` responses).
+
+    The workers share one listening socket and the worker that wakes first accepts every pending
+    connection, so a client opening its keep-alive connections in a burst (a load balancer's pool,
+    ``wrk``) can pin them all on one worker while the others idle (BentoML issue #5426). A closed
+    connection is re-opened by the client, and the reconnect is accepted by whichever worker is
+    waiting for work: the load spreads within a few ``every`` requests per connection. nginx does the
+    same for its upstreams (``keepalive_requests``). A reconnect costs one local TCP handshake.
+    """
+
+    def __init__(self, app: ASGIApp, every: int, rng: Callable[[], float] | None = None) -> None:
+        self.app = app
+        self.chance = 1.0 / every if every > 0 else 0.0
+        self.rng = rng or random.random
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.chance or scope.get("http_version") == "2":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_closing(message: Message) -> None:
+            if message["type"] == "http.response.start" and self.rng() < self.chance:
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, send_closing)

@@ -1,16 +1,18 @@
 """BentoML 1.4 services: ``bentoml serve service.service:Classifier``.
 
-Two services run as separate processes (``bentoml serve`` starts both):
+One service, ``Classifier``: ``POST /classify`` (multipart), ``POST /classify_base64`` (JSON),
+``GET|POST /metadata``, a web page at ``GET /ui`` (``service.ui``), plus BentoML's ``/livez``,
+``/readyz``, ``/metrics`` and OpenAPI docs.
 
-- ``Classifier`` (public): ``POST /classify`` (multipart), ``POST /classify_base64`` (JSON),
-  ``GET|POST /metadata``, a web page at ``GET /ui`` (``service.ui``), plus BentoML's ``/livez``,
-  ``/readyz``, ``/metrics`` and OpenAPI docs. It
-  parses and validates uploads, decodes + preprocesses them (``service.preprocessing``, in a thread
-  pool) and sends one ``float32 [n, C, H, W]`` array per request (split into chunks of at most
-  ``CLASSIFIER_MAX_BATCH_SIZE``) to the runtime.
-- ``ClassifierRuntime`` (internal, reached over a Unix socket with pickle-5 buffers): holds the ONNX
-  Runtime session and exposes the batchable ``predict`` API, so BentoML's adaptive batching merges
-  arrays from concurrent requests into one model call.
+Each worker process (``CLASSIFIER_WORKERS``, default one per CPU) holds its own ONNX Runtime session
+(``CLASSIFIER_ORT_THREADS`` intra-op threads, default CPUs / workers). A request is parsed and
+validated, its images decoded and preprocessed (``service.preprocessing``) into one
+``float32 [n, C, H, W]`` array (split into chunks of at most ``CLASSIFIER_MAX_BATCH_SIZE``) and handed
+to the worker's micro-batcher (``service.batcher``), which merges the arrays of concurrent requests
+into one model call. The model runs in the worker that parsed the request: a separate BentoML model
+service (adaptive batching across processes) cost ~5 ms of CPU per request in serialization and a
+second HTTP hop, 100x the tiny CNN's inference (bench/results, README "Serving benchmark").
+Batch sizes are on ``/metrics`` as the histogram ``classifier_batch_size``.
 
 Errors are JSON: ``{"error": message, "reason": code, "status": http_status, "file": name,
 "index": i, "errors": [per-file entries]}``; bad input is a 4xx, overload a 429/503, never a hang.
@@ -18,6 +20,7 @@ Errors are JSON: ``{"error": message, "reason": code, "status": http_status, "fi
 import asyncio
 import base64
 import binascii
+import gc
 import json
 import logging
 import time
@@ -33,18 +36,23 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 import bentoml
-from bentoml.exceptions import BentoMLException
+from service.batcher import MicroBatcher, Overloaded
 from service.config import ServiceConfig
 from service.engine import OnnxClassifier
-from service.limits import RequestSizeLimitMiddleware
+from service.limits import ConnectionRecycleMiddleware, RequestSizeLimitMiddleware
+from service.patches import patch_timeout_middleware
 from service.postprocessing import predictions
 from service.preprocessing import ImageError, PreprocessSpec, image_to_array, normalize
 from service.ui import ServerTimingMiddleware, ui_routes
 
 CONFIG = ServiceConfig.from_env()
+patch_timeout_middleware()  # BentoML's per-request timeout timers otherwise live for the whole timeout
 MODEL_FILE = "model.onnx"  # as written by pipeline/bento_store.py
 REGISTRY_KEYS = ("registry_version", "registry_alias", "mlflow_run_id")
 FIELD = "images"
+#: requests whose files total at most this many bytes are decoded on the event loop (a 28x28 PNG
+#: decodes in ~30 us, less than handing it to a thread); larger ones go to a thread pool
+INLINE_DECODE_BYTES = 64 * 1024
 
 logger = logging.getLogger("bentoml.classifier")
 
@@ -89,16 +97,6 @@ class Upload:
 
     def __init__(self, index: int, name: str, data: bytes) -> None:
         self.index, self.name, self.data = index, name, data
-
-
-RUNTIME_RETRIES = 2
-
-
-def _is_connection_error(err: BaseException) -> bool:
-    """Transport-level failures talking to the runtime (aiohttp/httpx/OS errors), not HTTP error statuses."""
-    if isinstance(err, BentoMLException):
-        return False
-    return isinstance(err, (OSError, ConnectionError)) or type(err).__module__.split(".")[0] in ("aiohttp", "httpx", "httpcore")
 
 
 def _media_type(request: Request) -> str:
@@ -248,82 +246,67 @@ class Prediction(BaseModel):
     top_k: list[TopK]
 
 
-# --- the model runtime (internal) ------------------------------------------------------------------
-
-@bentoml.service(
-    name="classifier-runtime",
-    workers=CONFIG.runtime_workers,
-    threads=1,
-    traffic={"timeout": CONFIG.request_timeout_s},
-    # BentoML 1.4.39's client to a dependency closes its aiohttp session, in-flight requests included,
-    # every `max_requests` calls / `max_age` seconds ("Server disconnected" under load): recycle
-    # (almost) never; _call_runtime also retries connection-level failures.
-    runner_connection={"max_requests": 1_000_000_000, "max_age": 1e9},
-    logging={"access": {"enabled": False}},
-    tracing={"excluded_urls": ["/predict"]},
+BATCH_SIZE = bentoml.metrics.Histogram(
+    name="classifier_batch_size",
+    documentation="images per model call (micro-batching merges concurrent requests)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
-class ClassifierRuntime:
-    """Internal service: the ONNX model behind BentoML adaptive batching (``predict``)."""
 
-    model_ref = bentoml.models.BentoModel(CONFIG.model_tag)
 
-    def __init__(self) -> None:
-        self._ready = False
-        stored = self.model_ref
-        path = stored.path_of(MODEL_FILE)
-        started = time.perf_counter()
-        try:
-            self.engine = OnnxClassifier(path, providers=CONFIG.providers, intra_op_threads=CONFIG.intra_op_threads)
-        except Exception as err:  # one clear line before BentoML's traceback; the runtime never becomes ready
-            logger.error(
-                "cannot serve model %s from %s: %s: %s (CLASSIFIER_MODEL_NAME/CLASSIFIER_MODEL_VERSION select the "
-                "model; see docs/model-contract.md)", stored.tag, path, type(err).__name__, err)
-            raise
-        logger.info(
-            "model %s loaded from %s: ONNX Runtime providers requested %s, ACTIVE %s, intra-op threads %d",
-            stored.tag, path, self.engine.requested_providers, self.engine.active_providers, self.engine.intra_op_threads,
-        )
-        if self.engine.provider_warning:
-            logger.warning("EXECUTION PROVIDER FALLBACK: %s", self.engine.provider_warning)
-        warmup_s = self.engine.warmup((1, CONFIG.max_batch_size))
-        logger.info("warm-up (batch 1 and %d) took %.3fs; load + warm-up %.3fs",
-                    CONFIG.max_batch_size, warmup_s, time.perf_counter() - started)
-        info = stored.info
-        labels, meta = dict(info.labels), dict(info.metadata)
-        self._description = {
-            "model_name": stored.tag.name,
-            "model_version": stored.tag.version,
-            "model_tag": str(stored.tag),
-            "created": info.creation_time.isoformat(),
-            **{key: labels.get(key, meta.get(key)) for key in REGISTRY_KEYS},
-            "labels": labels,
-            **self.engine.describe(),
-            "batching": {"max_batch_size": CONFIG.max_batch_size, "max_latency_ms": CONFIG.max_latency_ms},
-            "runtime_workers": CONFIG.runtime_workers,
-        }
-        if not self._description.get("mlflow_run_id"):
-            self._description["mlflow_run_id"] = self._description.get("onnx_mlflow_run_id")
-        self._ready = True
+def load_engine(stored: Any) -> tuple[OnnxClassifier, dict]:
+    """The worker's ONNX Runtime session for the store entry ``stored``, warmed up, and its description."""
+    path = stored.path_of(MODEL_FILE)
+    started = time.perf_counter()
+    try:
+        engine = OnnxClassifier(path, providers=CONFIG.providers, intra_op_threads=CONFIG.intra_op_threads)
+    except Exception as err:  # one clear line before BentoML's traceback; the worker never becomes ready
+        logger.error(
+            "cannot serve model %s from %s: %s: %s (CLASSIFIER_MODEL_NAME/CLASSIFIER_MODEL_VERSION select the "
+            "model; see docs/model-contract.md)", stored.tag, path, type(err).__name__, err)
+        raise
+    logger.info(
+        "model %s loaded from %s: ONNX Runtime providers requested %s, ACTIVE %s, intra-op threads %d",
+        stored.tag, path, engine.requested_providers, engine.active_providers, engine.intra_op_threads,
+    )
+    if engine.provider_warning:
+        logger.warning("EXECUTION PROVIDER FALLBACK: %s", engine.provider_warning)
+    warmup_s = engine.warmup((1, CONFIG.max_batch_size))
+    logger.info("warm-up (batch 1 and %d) took %.3fs; load + warm-up %.3fs",
+                CONFIG.max_batch_size, warmup_s, time.perf_counter() - started)
+    info = stored.info
+    labels, meta = dict(info.labels), dict(info.metadata)
+    description = {
+        "model_name": stored.tag.name,
+        "model_version": stored.tag.version,
+        "model_tag": str(stored.tag),
+        "created": info.creation_time.isoformat(),
+        **{key: labels.get(key, meta.get(key)) for key in REGISTRY_KEYS},
+        "labels": labels,
+        **engine.describe(),
+        "batching": {"max_batch_size": CONFIG.max_batch_size, "max_latency_ms": CONFIG.max_latency_ms},
+        "workers": CONFIG.workers,
+    }
+    if not description.get("mlflow_run_id"):
+        description["mlflow_run_id"] = description.get("onnx_mlflow_run_id")
+    return engine, description
 
-    def __is_ready__(self) -> bool:
-        return self._ready
 
-    @bentoml.api(batchable=True, max_batch_size=CONFIG.max_batch_size, max_latency_ms=CONFIG.max_latency_ms)
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """``float32 [N, C, H, W]`` normalized images -> ``float32 [N, num_classes]`` logits."""
-        return self.engine.logits(batch)
-
-    @bentoml.api
-    def describe(self) -> dict:
-        """Model, preprocessing and execution-provider facts (JSON-ready)."""
-        return self._description
+def spec_of(description: dict) -> PreprocessSpec:
+    """The preprocessing the model was trained with, from its exported metadata."""
+    return PreprocessSpec(
+        channels=int(description["in_channels"]),
+        image_size=int(description["image_size"]),
+        mean=tuple(description["normalization"]["mean"]),
+        std=tuple(description["normalization"]["std"]),
+        resize=description["resize"],
+        classes=tuple(description["classes"]),
+    )
 
 
 # --- the public service ----------------------------------------------------------------------------
 
 async def _get_metadata(request: Request) -> JSONResponse:
-    result = await bentoml.get_current_service().metadata_dict()
-    return result if isinstance(result, JSONResponse) else JSONResponse(result)
+    return JSONResponse(bentoml.get_current_service().metadata_dict())
 
 
 _metadata_app = Starlette(routes=[Route("/metadata", _get_metadata, methods=["GET"]), *ui_routes()])
@@ -332,54 +315,35 @@ _metadata_app = Starlette(routes=[Route("/metadata", _get_metadata, methods=["GE
 @bentoml.asgi_app(_metadata_app, path="/")
 @bentoml.service(
     name="image-classifier",
-    workers=CONFIG.api_workers,
-    traffic={"timeout": CONFIG.request_timeout_s, "max_concurrency": CONFIG.max_concurrency},
+    workers=CONFIG.workers,
+    # BentoML splits max_concurrency evenly among the workers, but the kernel does not spread
+    # connections evenly: the limit is per worker, so one busy worker never 429s below it
+    traffic={"timeout": CONFIG.request_timeout_s, "max_concurrency": CONFIG.max_concurrency * CONFIG.workers},
+    logging={"access": {"enabled": CONFIG.access_log}},
+    # BentoML's OpenTelemetry middleware builds a span per request even when none is sampled;
+    # excluding every URL ("/" matches them all) skips it unless CLASSIFIER_TRACING=1
+    **({} if CONFIG.tracing else {"tracing": {"excluded_urls": ["/"]}}),
 )
 class Classifier:
     """Image classification: POST images, get labels with softmax scores and top-k lists."""
 
-    runtime = bentoml.depends(ClassifierRuntime)
+    model_ref = bentoml.models.BentoModel(CONFIG.model_tag)
 
     def __init__(self) -> None:
-        self._description: Optional[dict] = None
-        self._spec: Optional[PreprocessSpec] = None
-        self._lock: Optional[asyncio.Lock] = None
+        self._start(*load_engine(self.model_ref))
+        # Everything loaded so far (BentoML, ONNX Runtime, pydantic schemas: ~10^6 objects) lives as
+        # long as the worker: keep it out of the cyclic GC, whose full collections otherwise stall
+        # the event loop for ~0.1 s every few seconds under load (p99 latency).
+        gc.collect()
+        gc.freeze()
+
+    def _start(self, engine: Any, description: dict, max_latency_ms: Optional[float] = None) -> None:
+        """Serve ``engine`` (``logits(float32 [N, C, H, W]) -> [N, classes]``) described by ``description``."""
+        self.engine, self._description = engine, description
+        self._spec = spec_of(description)
+        budget = CONFIG.max_latency_ms if max_latency_ms is None else max_latency_ms
+        self.batcher = MicroBatcher(engine.logits, CONFIG.max_batch_size, budget, on_batch=BATCH_SIZE.observe)
         self._decode_limiter: Optional[anyio.CapacityLimiter] = None
-
-    # -- model facts, fetched once from the runtime (the single source of truth) --
-    async def _model(self) -> tuple[dict, PreprocessSpec]:
-        if self._description is None:
-            if self._lock is None:
-                self._lock = asyncio.Lock()
-            async with self._lock:
-                if self._description is None:
-                    description = await self._call_runtime("describe")
-                    self._spec = PreprocessSpec(
-                        channels=int(description["in_channels"]),
-                        image_size=int(description["image_size"]),
-                        mean=tuple(description["normalization"]["mean"]),
-                        std=tuple(description["normalization"]["std"]),
-                        resize=description["resize"],
-                        classes=tuple(description["classes"]),
-                    )
-                    self._description = description
-        assert self._spec is not None
-        return self._description, self._spec
-
-    async def __is_ready__(self) -> bool:
-        """Ready once the runtime has described its model and answers its own readiness probe.
-
-        BentoML's dependency probe (run after this one) lets a connection error escape as a 500 while
-        a killed runtime worker is being restarted; probing here first makes that window a 503.
-        """
-        try:
-            await asyncio.wait_for(self._model(), timeout=5)
-            probe = getattr(self.runtime, "is_ready", None)  # absent on the in-process test fakes
-            if probe is not None and not await asyncio.wait_for(probe(2), timeout=3):
-                return False
-        except Exception:
-            return False
-        return True
 
     def _decode(self, uploads: list, spec: PreprocessSpec) -> tuple[list, list]:
         arrays, errors = [], []
@@ -398,39 +362,16 @@ class Classifier:
                                "status": 400, "error": f"cannot decode image: {type(err).__name__}: {err}"})
         return arrays, errors
 
-    async def _call_runtime(self, name: str, *args: Any) -> Any:
-        """Call a runtime API, retrying connection-level failures (both runtime APIs are idempotent)."""
-        for attempt in range(RUNTIME_RETRIES + 1):
-            try:
-                return await getattr(self.runtime.to_async, name)(*args)
-            except Exception as err:
-                if attempt == RUNTIME_RETRIES or not _is_connection_error(err):
-                    raise
-                logger.info("retrying runtime.%s after a connection error: %r", name, err)
-                await asyncio.sleep(0.01 * (attempt + 1))
-
     async def _infer(self, batch: np.ndarray) -> "np.ndarray | JSONResponse":
         step = CONFIG.max_batch_size
         chunks = [batch[i:i + step] for i in range(0, len(batch), step)]
         try:
-            parts = await asyncio.gather(*(self._call_runtime("predict", chunk) for chunk in chunks))
-        except BentoMLException as err:
-            status = int(getattr(err, "error_code", 500))
-            if status in (429, 503):
-                return error_response(
-                    503, "the model server is overloaded (adaptive batching could not meet "
-                    f"CLASSIFIER_MAX_LATENCY_MS={CONFIG.max_latency_ms}); retry later", "overloaded",
-                    headers={"Retry-After": "1"})
-            if status == 504:
-                return error_response(504, "the model server timed out", "timeout")
-            raise
-        except Exception as err:
-            if not _is_connection_error(err):
-                raise
-            logger.warning("model runtime unreachable: %r", err)
-            return error_response(503, "the model runtime is unavailable; retry later", "runtime_unavailable",
-                                  headers={"Retry-After": "1"})
-        return np.concatenate([np.asarray(p) for p in parts], axis=0) if parts else np.zeros((0, 0), np.float32)
+            parts = await asyncio.gather(*(self.batcher.submit(chunk) for chunk in chunks))
+        except Overloaded as err:
+            return error_response(
+                503, f"the model server is overloaded ({err}; CLASSIFIER_MAX_LATENCY_MS={CONFIG.max_latency_ms}); "
+                "retry later", "overloaded", headers={"Retry-After": "1"})
+        return np.concatenate(parts, axis=0) if parts else np.zeros((0, 0), np.float32)
 
     async def _classify(self, uploads: Any, top_k: Any) -> Any:
         if isinstance(uploads, Rejection):
@@ -439,15 +380,13 @@ class Classifier:
             return top_k.response()
         if len(uploads) > CONFIG.max_images:
             return _too_many(len(uploads)).response()
-        try:
-            description, spec = await self._model()
-        except Exception as err:
-            logger.warning("model description unavailable: %r", err)
-            return error_response(503, "the model runtime is not ready; retry later", "not_ready",
-                                  headers={"Retry-After": "1"})
-        if self._decode_limiter is None:
-            self._decode_limiter = anyio.CapacityLimiter(max(1, CONFIG.cpu_count))
-        arrays, errors = await anyio.to_thread.run_sync(self._decode, uploads, spec, limiter=self._decode_limiter)
+        spec = self._spec
+        if sum(len(u.data) for u in uploads) <= INLINE_DECODE_BYTES:
+            arrays, errors = self._decode(uploads, spec)  # cheaper than a thread hop
+        else:
+            if self._decode_limiter is None:
+                self._decode_limiter = anyio.CapacityLimiter(max(1, CONFIG.cpu_count))
+            arrays, errors = await anyio.to_thread.run_sync(self._decode, uploads, spec, limiter=self._decode_limiter)
         if errors:
             first = errors[0]
             summary = "1 image" if len(errors) == 1 else f"{len(errors)} of {len(uploads)} images"
@@ -483,15 +422,10 @@ class Classifier:
     async def metadata(self) -> dict:
         """Model name, registry version/alias, MLflow run, classes, input shape, normalization,
         active ONNX Runtime execution providers, batching and request limits (also ``GET /metadata``)."""
-        return await self.metadata_dict()
+        return self.metadata_dict()
 
-    async def metadata_dict(self) -> "dict | JSONResponse":
-        try:
-            description, _ = await self._model()
-        except Exception as err:
-            logger.warning("model description unavailable: %r", err)
-            return error_response(503, "the model runtime is not ready; retry later", "not_ready",
-                                  headers={"Retry-After": "1"})
+    def metadata_dict(self) -> dict:
+        description = self._description
         return {
             **description,
             "execution_providers": description.get("active_providers"),
@@ -507,6 +441,8 @@ class Classifier:
 
 
 Classifier.add_asgi_middleware(RequestSizeLimitMiddleware, max_bytes=CONFIG.max_request_bytes)
+if CONFIG.workers > 1:  # spread keep-alive connections over the workers (see the middleware)
+    Classifier.add_asgi_middleware(ConnectionRecycleMiddleware, every=CONFIG.keepalive_requests)
 Classifier.add_asgi_middleware(ServerTimingMiddleware)  # Server-Timing: app;dur=<ms> (shown by /ui)
 
 
@@ -519,7 +455,7 @@ def _ready_response(result: Any) -> Any:
 
 def _fix_media_types(*services: Any) -> None:
     """Compute each API's response media type once: BentoML 1.4 derives it from the output's JSON
-    schema, regenerated on every response (per batch in the runtime) unless ``media_type`` is set."""
+    schema, regenerated on every response unless ``media_type`` is set."""
     for svc in services:
         for method in svc.apis.values():
             spec = method.output_spec
@@ -527,4 +463,4 @@ def _fix_media_types(*services: Any) -> None:
                 spec.media_type = spec.mime_type()
 
 
-_fix_media_types(ClassifierRuntime, Classifier)
+_fix_media_types(Classifier)

@@ -24,7 +24,8 @@ SERVER_ENV = {
     "CLASSIFIER_MAX_BATCH_SIZE": "32",
     "CLASSIFIER_MAX_LATENCY_MS": "2000",
     "CLASSIFIER_TOP_K": "3",
-    "CLASSIFIER_MAX_CONCURRENCY": "16",
+    "CLASSIFIER_MAX_CONCURRENCY": "16",  # per worker
+    "CLASSIFIER_WORKERS": "2",  # the same on any machine (default: one per CPU)
     "CLASSIFIER_PROVIDERS": "auto",
 }
 

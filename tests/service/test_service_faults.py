@@ -3,14 +3,14 @@ worker processes killed under load.
 
 What BentoML 1.4.39 does, and so what these tests pin down:
 
-- a model the runtime cannot load (garbage ONNX bytes, contract keys missing, no model.onnx): the
-  runtime worker logs ``cannot serve model ...`` and exits; circus (``respawn=True`` outside a
+- a model a worker cannot load (garbage ONNX bytes, contract keys missing, no model.onnx): the
+  worker logs ``cannot serve model ...`` and exits; circus (``respawn=True`` outside a
   container, see ``bentoml.serving.create_watcher``) restarts it every ``check_delay`` (10 s) for
   ever, so the server process stays up but ``/readyz`` never answers 200;
 - a model missing from the store: ``bentoml serve`` itself fails at import (exit 1, "could not be found");
 - ``CLASSIFIER_PROVIDERS=cuda`` without a usable GPU: runs on CPU, says so in the log and in GET
   /metadata; ``cuda-only`` refuses like a broken model;
-- SIGKILLed workers (API or runtime) are restarted by circus (within its 10 s check_delay); only
+- SIGKILLed workers are restarted by circus (within its 10 s check_delay); only
   requests in flight at the kill fail: connections wait in the listening socket's backlog, which
   circus holds, while a replacement starts. Inside a container (BENTOML_CONTAINERIZED, set by
   `bentoml containerize` images) nothing is restarted: the server exits once a service has no worker.
@@ -98,7 +98,6 @@ def assert_refuses(home: Path, log_path: Path, env: dict, expected: list[str], t
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and proc.poll() is None:
             logged = all(text in log_path.read_text(errors="replace") for text in expected)
-            # (each probe of a server whose runtime is down takes ~5 s: Classifier.__is_ready__'s timeout)
             codes.append(readyz(url))
             assert codes[-1] != 200, f"became ready:\n{log_path.read_text(errors='replace')[-3000:]}"
             if logged:  # the failure was logged before this probe, which still found the server not ready
@@ -212,7 +211,7 @@ class Load:
 
 def workers(proc: subprocess.Popen) -> dict[str, list[psutil.Process]]:
     """The serve process' worker children by service name."""
-    out: dict[str, list[psutil.Process]] = {"image-classifier": [], "classifier-runtime": []}
+    out: dict[str, list[psutil.Process]] = {"image-classifier": []}
     for child in psutil.Process(proc.pid).children(recursive=True):
         try:
             cmd = child.cmdline()
@@ -251,7 +250,7 @@ def kill_one_under_load(srv, load: Load, service: str, probes: list) -> dict:
 
 def test_killed_workers_are_restarted_and_only_in_flight_requests_fail(bento_home, tmp_path):
     home, tag = bento_home
-    env = {"CLASSIFIER_API_WORKERS": "2", "CLASSIFIER_MAX_CONCURRENCY": "64"}
+    env = {"CLASSIFIER_WORKERS": "2", "CLASSIFIER_MAX_CONCURRENCY": "64"}
     with serve(home, tmp_path / "kill.log", tag, env) as srv:
         assert len(workers(srv.proc)["image-classifier"]) == 2
         load = Load(srv.url)
@@ -260,8 +259,7 @@ def test_killed_workers_are_restarted_and_only_in_flight_requests_fail(bento_hom
             t.start()
         probes: list = []
         try:
-            kills = [kill_one_under_load(srv, load, "image-classifier", probes),
-                     kill_one_under_load(srv, load, "classifier-runtime", probes)]
+            kills = [kill_one_under_load(srv, load, "image-classifier", probes) for _ in range(2)]
             time.sleep(2)
         finally:
             load.stop.set()
@@ -281,8 +279,8 @@ def test_killed_workers_are_restarted_and_only_in_flight_requests_fail(bento_hom
     for c in failures:
         # failed only if in flight at a kill: started before it, ended after it
         assert any(c.started <= t <= c.ended for t in t_kills), summary
-        # transport errors (the API worker's connection died) or a clean 503 (the runtime was down)
-        assert c.error is not None or (c.status == 503 and c.reason == "runtime_unavailable"), summary
+        # transport errors: the worker holding the connection died
+        assert c.error is not None, summary
     for t in t_kills:
         assert sum(1 for c in failures if c.started <= t <= c.ended) <= load.threads, summary
     # /readyz never answers 500 while a worker is being replaced (503 or a connection error at most)
@@ -296,12 +294,13 @@ def test_in_a_container_a_dead_worker_is_not_restarted_the_server_exits(bento_ho
     worker left the arbiter quits (circus Arbiter.manage_watchers: "No active process found for
     watcher"), so the container exits and its orchestrator must restart it (restart policy / k8s)."""
     home, tag = bento_home
-    with serve(home, tmp_path / "container.log", tag, {"BENTOML_CONTAINERIZED": "true"}) as srv:
-        victim = workers(srv.proc)["classifier-runtime"][0]
-        os.kill(victim.pid, signal.SIGKILL)  # the runtime worker of the server started here
+    with serve(home, tmp_path / "container.log", tag, {"BENTOML_CONTAINERIZED": "true", "CLASSIFIER_WORKERS": "1"}) as srv:
+        assert len(workers(srv.proc)["image-classifier"]) == 1
+        victim = workers(srv.proc)["image-classifier"][0]
+        os.kill(victim.pid, signal.SIGKILL)  # the only worker of the server started here
         try:
             srv.proc.wait(timeout=40)  # circus notices within its check_delay (10 s)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"the server outlived its only runtime worker:\n{srv.log()[-3000:]}")
+            pytest.fail(f"the server outlived its only worker:\n{srv.log()[-3000:]}")
         assert srv.proc.returncode not in (0, None)
         assert "No active process found for watcher" in srv.log()

@@ -52,21 +52,21 @@ def assert_alive(client):
 
 
 def parse_batch_stats(metrics_text: str) -> dict[str, float]:
-    """Sum the runtime's adaptive-batch histogram over its label sets.
+    """Sum the service's micro-batch histogram (``classifier_batch_size``) over its label sets.
 
-    ``calls``: model calls (histogram count); ``merged``: requests (jobs) they served (histogram sum;
-    BentoML observes the number of requests merged per call); ``singles``: calls that served one.
+    ``calls``: model calls (histogram count); ``merged``: images they served (histogram sum: the
+    images of every request merged into each call); ``singles``: calls that served one image.
     """
     stats = {"calls": 0.0, "merged": 0.0, "singles": 0.0}
     for line in metrics_text.splitlines():
-        if "adaptive_batch_size" not in line or 'method_name="predict"' not in line:
+        if not line.startswith("classifier_batch_size_"):
             continue
         value = float(line.rsplit(" ", 1)[1])
-        if line.startswith("bentoml_service_adaptive_batch_size_count"):
+        if line.startswith("classifier_batch_size_count"):
             stats["calls"] += value
-        elif line.startswith("bentoml_service_adaptive_batch_size_sum"):
+        elif line.startswith("classifier_batch_size_sum"):
             stats["merged"] += value
-        elif line.startswith("bentoml_service_adaptive_batch_size_bucket") and 'le="1.0"' in line:
+        elif line.startswith("classifier_batch_size_bucket") and 'le="1.0"' in line:
             stats["singles"] += value
     return stats
 
@@ -338,7 +338,7 @@ def test_gpu_provider_is_active(client):
 
 
 def test_adaptive_batching_overload_is_a_clear_503(bento_home, tmp_path):
-    """A second server with a 5 ms latency budget: BentoML's dispatcher sheds load, we answer 503 + JSON."""
+    """A second server with a 5 ms latency budget: the micro-batcher sheds load, we answer 503 + JSON."""
     from svc_support import serve
 
     home, tag = bento_home
@@ -349,7 +349,7 @@ def test_adaptive_batching_overload_is_a_clear_503(bento_home, tmp_path):
             limits = httpx.Limits(max_connections=200)
             async with httpx.AsyncClient(base_url=tight.url, timeout=60, limits=limits) as c:
                 results = []
-                for _ in range(3):  # the dispatcher needs a few calls to learn its latency model
+                for _ in range(3):  # the batcher learns its per-image time from the first calls
                     results += await asyncio.gather(*(c.post("/classify", files=files(*[("a.png", data)] * 8)) for _ in range(96)))
                     if any(r.status_code == 503 for r in results):
                         break

@@ -1,4 +1,5 @@
-"""Fast unit tests: postprocessing, configuration, the request-size middleware, provider selection."""
+"""Fast unit tests: postprocessing, configuration, the ASGI middleware (request size, connection
+recycling, the patched BentoML timeout), provider selection."""
 from __future__ import annotations
 
 import asyncio
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from service.config import ENV_VARS, ServiceConfig
-from service.limits import RequestSizeLimitMiddleware
+from service.limits import ConnectionRecycleMiddleware, RequestSizeLimitMiddleware
 from service.postprocessing import predictions, softmax
 
 
@@ -48,7 +49,8 @@ def test_config_defaults():
     cfg = ServiceConfig.from_env({})
     assert cfg.model_tag == "image-classifier:latest"
     assert (cfg.providers, cfg.top_k, cfg.max_batch_size) == ("auto", 5, 64)
-    assert cfg.intra_op_threads == max(1, cfg.cpu_count // cfg.runtime_workers)
+    assert cfg.workers == cfg.cpu_count  # one worker (session + batcher) per CPU
+    assert cfg.intra_op_threads == 1
     for name, (default, doc) in ENV_VARS.items():
         assert name.startswith("CLASSIFIER_") and doc
 
@@ -59,8 +61,16 @@ def test_config_from_env_and_errors():
         "CLASSIFIER_MAX_BATCH_SIZE": "16", "CLASSIFIER_PROVIDERS": "cpu",
     })
     assert (cfg.model_tag, cfg.intra_op_threads, cfg.max_batch_size, cfg.providers) == ("digits:abc123", 3, 16, "cpu")
+    assert ServiceConfig.from_env({}).access_log and not ServiceConfig.from_env({"CLASSIFIER_ACCESS_LOG": "0"}).access_log
+    assert not ServiceConfig.from_env({}).tracing and ServiceConfig.from_env({"CLASSIFIER_TRACING": "1"}).tracing
+    two = ServiceConfig.from_env({"CLASSIFIER_WORKERS": "2"})
+    assert two.workers == 2 and two.intra_op_threads == max(1, two.cpu_count // 2)
     for env, match in [
-        ({"CLASSIFIER_MAX_BATCH_SIZE": "1"}, "CLASSIFIER_MAX_BATCH_SIZE"),
+        ({"CLASSIFIER_MAX_BATCH_SIZE": "0"}, "CLASSIFIER_MAX_BATCH_SIZE"),
+        ({"CLASSIFIER_WORKERS": "-1"}, "CLASSIFIER_WORKERS"),
+        ({"CLASSIFIER_RUNTIME_WORKERS": "2"}, "CLASSIFIER_RUNTIME_WORKERS is gone.*CLASSIFIER_WORKERS"),
+        ({"CLASSIFIER_API_WORKERS": "2"}, "CLASSIFIER_API_WORKERS is gone.*CLASSIFIER_WORKERS"),
+        ({"CLASSIFIER_ACCESS_LOG": "maybe"}, "CLASSIFIER_ACCESS_LOG"),
         ({"CLASSIFIER_TOP_K": "five"}, "CLASSIFIER_TOP_K"),
         ({"CLASSIFIER_MODEL_NAME": "a:b"}, "CLASSIFIER_MODEL_NAME"),
         ({"CLASSIFIER_MAX_IMAGES": "0"}, "CLASSIFIER_MAX_IMAGES"),
@@ -140,3 +150,78 @@ def test_resolve_providers():
         resolve_providers("cuda-only", [cpu])
     with pytest.raises(ProviderError):
         resolve_providers("TensorrtExecutionProvider", [cpu])
+
+
+# --- connection recycling ----------------------------------------------------------------------------
+
+def _response_headers(app, scope_extra=None):
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": [], "http_version": "1.1", **(scope_extra or {})}
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    return dict(start["headers"])
+
+
+async def _ok_app(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"connection", b"keep-alive")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def test_connection_recycling_closes_about_one_in_every_n_responses():
+    draws = iter([0.9, 0.04, 0.5, 0.049, 0.051])
+    app = ConnectionRecycleMiddleware(_ok_app, every=20, rng=lambda: next(draws))  # closes when draw < 0.05
+    closes = [_response_headers(app).get(b"connection") for _ in range(5)]
+    assert closes == [b"keep-alive", b"close", b"keep-alive", b"close", b"keep-alive"]  # one header, never two
+    never = ConnectionRecycleMiddleware(_ok_app, every=0, rng=lambda: 0.0)
+    assert _response_headers(never)[b"connection"] == b"keep-alive"
+    h2 = ConnectionRecycleMiddleware(_ok_app, every=1, rng=lambda: 0.0)  # HTTP/2 has no Connection header
+    assert _response_headers(h2, {"http_version": "2"})[b"connection"] == b"keep-alive"
+
+
+# --- BentoML's timeout middleware, patched (service.patches) ----------------------------------------------
+
+def _timeout_middleware(app, timeout):
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+
+    from service.patches import patch_timeout_middleware
+
+    assert patch_timeout_middleware()
+    return TimeoutMiddleware(app, timeout=timeout)
+
+
+def test_patched_timeout_middleware_cancels_its_timer_per_request():
+    middleware = _timeout_middleware(_ok_app, timeout=30)
+
+    async def main():
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "http.request", "body": b""}
+
+        for _ in range(50):
+            await middleware({"type": "http", "path": "/"}, receive, send)
+        loop = asyncio.get_running_loop()
+        # BentoML's own version leaves one live 30 s timer (holding the request's context) per request
+        return [h for h in loop._scheduled if not h.cancelled()], sent
+
+    live, sent = asyncio.run(main())
+    assert live == [] and sum(m["type"] == "http.response.start" for m in sent) == 50
+
+
+def test_patched_timeout_middleware_answers_504_in_the_api_error_shape():
+    async def slow_app(scope, receive, send):
+        await asyncio.sleep(5)
+
+    status, body = _call(_timeout_middleware(slow_app, timeout=0.05), [], [b""])
+    assert status == 504
+    assert json.loads(body)["reason"] == "timeout" and "CLASSIFIER_REQUEST_TIMEOUT_S" in json.loads(body)["error"]
