@@ -127,7 +127,9 @@ class Requests:
         if kind == "metadata":
             return "GET", "/metadata", {}
         if kind == "not_an_image":
-            return "POST", "/classify", {"files": self.files([("notes.txt", rng.randbytes(300))])}
+            # text first: bare random bytes start with a 2-byte JPEG/BMP signature once in ~30,000
+            # requests, and are then (rightly) a corrupt image, 400, not "not an image", 415
+            return "POST", "/classify", {"files": self.files([("notes.txt", b"notes, not an image\n" + rng.randbytes(300))])}
         if kind == "truncated_png":
             return "POST", "/classify", {"files": self.files([("cut.png", self.truncated)])}
         if kind == "empty_file":

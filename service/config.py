@@ -27,7 +27,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
                            "0 = one per CPU (with CUDA, 1-2 workers keep the GPU busy)"),
     "CLASSIFIER_ORT_THREADS": ("0", "ONNX Runtime intra-op threads per worker; 0 = CPU count / workers"),
     "CLASSIFIER_MAX_BATCH_SIZE": ("64", "micro-batching: most images per model call"),
-    "CLASSIFIER_MAX_LATENCY_MS": ("1000", "micro-batching: latency budget; requests predicted to wait longer get 503"),
+    "CLASSIFIER_MAX_LATENCY_MS": ("5000", "micro-batching: queueing budget; a request predicted to wait longer for the model gets 503 + Retry-After"),
     "CLASSIFIER_KEEPALIVE_REQUESTS": ("20", "with several workers, ~1 in N responses closes its keep-alive connection so that "
                                       "clients reconnect to an idle worker (0 = never)"),
     "CLASSIFIER_ACCESS_LOG": ("1", "1 = one log line per request (BentoML's access log), 0 = none (an ingress or load "
@@ -74,7 +74,7 @@ class ServiceConfig:
     ort_threads: int = 0
     workers: int = 0  # 0 -> cpu_count, resolved by from_env
     max_batch_size: int = 64
-    max_latency_ms: int = 1000
+    max_latency_ms: int = 5000
     keepalive_requests: int = 20
     access_log: bool = True
     tracing: bool = False
