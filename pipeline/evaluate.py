@@ -218,13 +218,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cli(argv: list[str] | None = None) -> int:
-    try:
-        return main(argv)
-    except tracking.TrackingError as err:
-        print(f"{Path(__file__).stem}: error: {err}", file=sys.stderr)
-        return 3
-
-
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(tracking.run_stage("evaluate", main))

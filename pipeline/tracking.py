@@ -8,15 +8,25 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .paths import REPO_ROOT
 
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be used; the message names the store."""
+
+
+def run_stage(stage: str, main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """``main(argv)``, with an unusable tracking store as a one-line ``<stage>: error: ...`` and exit 3."""
+    try:
+        return main(argv)
+    except TrackingError as err:
+        print(f"{stage}: error: {err}", file=sys.stderr)
+        return 3
 
 
 def tracking_uri() -> str:

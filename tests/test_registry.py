@@ -151,3 +151,14 @@ def test_gate_logic_margin():
 def test_bad_promote_params_fail_fast(project):
     out = promote(project, models={"cnn": {}}, margin=-1, check=False)
     assert out.returncode == 2 and "promote.margin" in out.stderr
+
+
+def test_stage_entry_points_turn_an_unusable_store_into_exit_3(capsys):
+    from pipeline import tracking
+
+    def main(argv):
+        raise tracking.TrackingError("tracking server http://127.0.0.1:9 is unreachable")
+
+    assert tracking.run_stage("evaluate", main) == 3
+    assert capsys.readouterr().err == "evaluate: error: tracking server http://127.0.0.1:9 is unreachable\n"
+    assert tracking.run_stage("export", lambda argv: 0) == 0
