@@ -99,6 +99,11 @@ def _fit_and_export(torch, onnx, mnist: Mnist, path: Path, n_train: int) -> Path
             nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
     model.eval()
+    return export_with_contract(torch, onnx, model, path, "tinycnn")
+
+
+def export_with_contract(torch, onnx, model, path: Path, arch: str) -> Path:
+    """Export a 1x28x28 -> 10-class torch model to ONNX with the metadata of docs/model-contract.md."""
     # torch 2.14: the dynamo exporter needs onnxscript (not installed); the TorchScript exporter works
     torch.onnx.export(
         model, torch.zeros(1, 1, 28, 28), str(path), input_names=["input"], output_names=["logits"],
@@ -111,7 +116,7 @@ def _fit_and_export(torch, onnx, mnist: Mnist, path: Path, n_train: int) -> Path
         "image_size": "28",
         "mean": json.dumps([MNIST_MEAN]),
         "std": json.dumps([MNIST_STD]),
-        "arch": "tinycnn",
+        "arch": arch,
         "dataset": "mnist",
         "mlflow_run_id": "test-run-0000",
         "num_params": str(sum(p.numel() for p in model.parameters())),
@@ -125,6 +130,31 @@ def _fit_and_export(torch, onnx, mnist: Mnist, path: Path, n_train: int) -> Path
     return path
 
 
+def build_slow_onnx_model(path: Path) -> Path:
+    """An untrained stack of 64-channel 3x3 convolutions at 28x28: ~0.5 GFLOP, about a millisecond or
+    more per image, so that concurrent requests queue up behind the model (the overload tests)."""
+    torch = pytest.importorskip("torch")
+    onnx = pytest.importorskip("onnx")
+    from torch import nn
+
+    torch.manual_seed(0)
+    convs = [layer for _ in range(6) for layer in (nn.Conv2d(64, 64, 3, padding=1), nn.ReLU())]
+    model = nn.Sequential(nn.Conv2d(1, 64, 3, padding=1), nn.ReLU(), *convs,
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
+    return export_with_contract(torch, onnx, model, path, "slowcnn")
+
+
+def store_in_bento_home(onnx_path: Path, home: Path) -> str:
+    """``onnx_path`` as ``image-classifier`` (registry version 7, alias champion) in ``home``; its tag."""
+    code = (
+        "from pipeline.bento_store import save_to_bento_store\n"
+        f"print(save_to_bento_store({str(onnx_path)!r}, name='image-classifier', "
+        "labels={'registry_alias': 'champion', 'registry_version': '7'}, "
+        "metadata={'registry_version': '7', 'registry_alias': 'champion', 'mlflow_run_id': 'test-run-0000'}))"
+    )
+    return run_in_bento_home(home, code).strip().splitlines()[-1]
+
+
 @pytest.fixture(scope="session")
 def tiny_onnx_model(mnist: Mnist, tmp_path_factory) -> Path:
     return build_tiny_onnx_model(mnist, tmp_path_factory.mktemp("model") / "tiny.onnx")
@@ -134,13 +164,7 @@ def tiny_onnx_model(mnist: Mnist, tmp_path_factory) -> Path:
 def bento_home(tiny_onnx_model: Path, tmp_path_factory) -> tuple[Path, str]:
     """A BentoML home with the tiny model stored as ``image-classifier``; returns (home, tag)."""
     home = tmp_path_factory.mktemp("bentoml_home")
-    code = (
-        "from pipeline.bento_store import save_to_bento_store\n"
-        f"print(save_to_bento_store({str(tiny_onnx_model)!r}, name='image-classifier', "
-        "labels={'registry_alias': 'champion', 'registry_version': '7'}, "
-        "metadata={'registry_version': '7', 'registry_alias': 'champion', 'mlflow_run_id': 'test-run-0000'}))"
-    )
-    tag = run_in_bento_home(home, code).strip().splitlines()[-1]
+    tag = store_in_bento_home(tiny_onnx_model, home)
     return home, tag
 
 
