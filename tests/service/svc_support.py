@@ -76,8 +76,10 @@ class Server:
 
 
 @contextlib.contextmanager
-def serve(home: Path, log_path: Path, tag: str = "", env: dict | None = None, timeout: float = 120):
-    """Run `bentoml serve service.service:Classifier` on a free port until the block exits."""
+def serve(home: Path, log_path: Path, tag: str = "", env: dict | None = None, timeout: float = 120,
+          target: str = "service.service:Classifier"):
+    """Run `bentoml serve <target>` (the source tree's service, or a built Bento's tag) on a free port
+    until the block exits."""
     import httpx
 
     port = free_port()
@@ -88,7 +90,7 @@ def serve(home: Path, log_path: Path, tag: str = "", env: dict | None = None, ti
     started = time.monotonic()
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "service.service:Classifier",
+            [sys.executable, "-m", "bentoml", "serve", target,
              "--host", "127.0.0.1", "--port", str(port), "--working-dir", str(REPO)],
             cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )

@@ -68,3 +68,35 @@ def test_round_trip(tiny_onnx_model, tmp_path):
     assert errors["missing_meta"].startswith("ValueError") and "classes" in errors["missing_meta"]
     assert out["count_after_errors"] == 2  # failures write nothing
     assert not os.environ.get("BENTOML_HOME") or os.environ["BENTOML_HOME"] != str(home)
+
+
+def test_the_built_bento_serves_the_stored_model(bento_home, tmp_path):
+    """What the package stage ships: `bentoml build` of bentofile.yaml (offline: lock_packages false)
+    then `bentoml serve <bento tag>` answers with the model the build resolved."""
+    import shutil
+    import subprocess
+    import sys
+
+    import httpx
+    import numpy as np
+    from PIL import Image
+
+    import svc_images
+    from svc_support import REPO, serve
+
+    source_home, model_tag = bento_home
+    home = tmp_path / "bentoml_home"
+    shutil.copytree(source_home, home)  # the session's store stays as it was
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", "PYTHONPATH": str(REPO)}
+    build = subprocess.run([sys.executable, "-m", "bentoml", "build", "-o", "tag", str(REPO)], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    bento_tag = build.stdout.strip().splitlines()[-1].replace("__tag__:", "")
+    assert bento_tag.startswith("image-classifier:")
+
+    png = svc_images.encode(Image.fromarray(np.zeros((28, 28), np.uint8)), "PNG")
+    with serve(home, tmp_path / "bento.log", model_tag, target=bento_tag) as srv:
+        meta = httpx.get(f"{srv.url}/metadata", timeout=30).json()
+        resp = httpx.post(f"{srv.url}/classify", files=[("images", ("a.png", png, "image/png"))], timeout=30)
+    assert meta["model_tag"] == model_tag and meta["registry_alias"] == "champion"
+    assert resp.status_code == 200 and len(resp.json()) == 1 and len(resp.json()[0]["top_k"]) == 3
