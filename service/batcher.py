@@ -140,8 +140,3 @@ class MicroBatcher:
         else:
             self._call_seconds += EWMA_WEIGHT * (seconds - self._call_seconds)
             self._call_images += EWMA_WEIGHT * (images - self._call_images)
-
-    def close(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -291,18 +291,6 @@ def load_engine(stored: Any) -> tuple[OnnxClassifier, dict]:
     return engine, description
 
 
-def spec_of(description: dict) -> PreprocessSpec:
-    """The preprocessing the model was trained with, from its exported metadata."""
-    return PreprocessSpec(
-        channels=int(description["in_channels"]),
-        image_size=int(description["image_size"]),
-        mean=tuple(description["normalization"]["mean"]),
-        std=tuple(description["normalization"]["std"]),
-        resize=description["resize"],
-        classes=tuple(description["classes"]),
-    )
-
-
 # --- the public service ----------------------------------------------------------------------------
 
 async def _get_metadata(request: Request) -> JSONResponse:
@@ -338,9 +326,10 @@ class Classifier:
         gc.freeze()
 
     def _start(self, engine: Any, description: dict, max_latency_ms: Optional[float] = None) -> None:
-        """Serve ``engine`` (``logits(float32 [N, C, H, W]) -> [N, classes]``) described by ``description``."""
+        """Serve ``engine`` (``spec``: its ``PreprocessSpec``; ``logits(float32 [N, C, H, W]) -> [N, classes]``)
+        described by ``description``."""
         self.engine, self._description = engine, description
-        self._spec = spec_of(description)
+        self._spec: PreprocessSpec = engine.spec  # read from the model's metadata (service.engine)
         budget = CONFIG.max_latency_ms if max_latency_ms is None else max_latency_ms
         self.batcher = MicroBatcher(engine.logits, CONFIG.max_batch_size, budget, on_batch=BATCH_SIZE.observe)
         self._decode_limiter: Optional[anyio.CapacityLimiter] = None

@@ -18,6 +18,7 @@ import svc_images
 
 svc_module = pytest.importorskip("service.service")
 from service.batcher import MicroBatcher, Overloaded  # noqa: E402
+from service.preprocessing import PreprocessSpec  # noqa: E402
 
 DESCRIPTION = {
     "in_channels": 1, "image_size": 28, "resize": "bilinear", "classes": [str(i) for i in range(10)],
@@ -27,6 +28,9 @@ DESCRIPTION = {
 
 class FakeEngine:
     """``logits``: class 9 wins for every image; raises the queued failures first; can be slow."""
+
+    spec = PreprocessSpec(channels=1, image_size=28, mean=(0.1307,), std=(0.3081,), resize="bilinear",
+                          classes=tuple(str(i) for i in range(10)))
 
     def __init__(self, failures=(), seconds_per_call: float = 0.0):
         self.failures = list(failures)
