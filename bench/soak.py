@@ -40,7 +40,6 @@ import platform
 import random
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -52,6 +51,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
+
+import serve  # bench/serve.py, beside this script: store_model, free_port, wait_ready
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -147,26 +148,16 @@ class Requests:
 
 # --- the server -------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def store_model(onnx_path: Path, home: Path) -> str:
-    from serve import store_model as store  # bench/serve.py, beside this script
-
     try:
-        return store(onnx_path, home)
+        return serve.store_model(onnx_path, home)
     except RuntimeError as err:
         raise SystemExit(f"soak: cannot store {onnx_path} in {home}: {err}") from None
 
 
 class LocalServer:
     def __init__(self, home: Path, log_path: Path, service_env: dict[str, str]) -> None:
-        import httpx
-
-        self.port = free_port()
+        self.port = serve.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         env = {**os.environ, **service_env, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
@@ -176,20 +167,11 @@ class LocalServer:
                 [sys.executable, "-m", "bentoml", "serve", "service.service:Classifier", "--host", "127.0.0.1",
                  "--port", str(self.port), "--working-dir", str(REPO)],
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        started = time.monotonic()
-        while True:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"soak: bentoml serve exited ({self.proc.returncode}):\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=10).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() - started > 180:
-                self.stop()
-                raise SystemExit(f"soak: bentoml serve not ready after 180 s:\n{self.log_tail()}")
-            time.sleep(0.3)
-        self.startup_s = time.monotonic() - started
+        try:
+            self.startup_s = serve.wait_ready(self.url, self.proc, "/readyz", time.monotonic(), log_path, timeout=180)
+        except RuntimeError as err:  # exited, or not ready in time; the message ends with the log's tail
+            self.stop()
+            raise SystemExit(f"soak: bentoml {err}") from None
 
     def log_tail(self, n: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-n:]
