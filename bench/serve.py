@@ -322,9 +322,10 @@ def running(kind: str, cmd: list[str], env: dict, ready_path: str, port: int, lo
                 proc.wait(timeout=10)
 
 
-def store_model(onnx_path: Path, home: Path) -> str:
-    code = ("from pipeline.bento_store import save_to_bento_store\n"
-            f"print(save_to_bento_store({str(onnx_path)!r}, name='image-classifier'))")
+def store_model(onnx_path: Path, home: Path, alias: str = "champion") -> str:
+    """The model in `home`'s store with `alias` pointing at it (what the service follows)."""
+    code = ("from pipeline.bento_store import store_serving\n"
+            f"print(store_serving({str(onnx_path)!r}, alias={alias!r}))")
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     if proc.returncode != 0:

@@ -8,19 +8,29 @@ A stored model is a folder holding ``model.onnx`` plus BentoML's ``model.yaml`` 
 
 - ``metadata``: every ONNX ``metadata_props`` entry of docs/model-contract.md, JSON values parsed
   (``classes``/``mean``/``std`` are lists, ``in_channels``/``image_size``/``num_params`` ints; the rest strings), plus the caller's metadata (e.g.
-  ``registry_version``, ``registry_alias``, ``mlflow_run_id``, metrics) and ``onnx_sha256``;
-- ``labels``: the caller's labels (strings), e.g. ``registry_alias: champion``.
+  ``registry_version``, ``mlflow_run_id``, metrics) and ``onnx_sha256``;
+- ``labels``: the caller's labels (strings), e.g. ``registry_version: "3"``.
+
+Labels and metadata describe a *version*; they never say which alias serves it (that changes with
+every promotion). The store's alias pointers (``service/model_source.py`` documents the file) do:
+:func:`point_alias` writes them, under :func:`store_lock`, which also keeps two package runs from
+storing one registry version twice.
 
 The service reads preprocessing from the ONNX file itself; the mirror makes ``bentoml models get``
 and ``GET /metadata`` informative without opening the model.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from service.model_source import pointer_file, read_pointers
+
+from . import atomic
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
@@ -28,16 +38,21 @@ __all__ = [
     "REQUIRED_METADATA",
     "bento_model_info",
     "list_model_tags",
+    "find_stored",
     "onnx_path",
+    "point_alias",
     "read_onnx_metadata",
+    "read_pointers",
     "save_to_bento_store",
+    "store_lock",
+    "store_serving",
 ]
 
 DEFAULT_MODEL_NAME = "image-classifier"
 MODEL_FILE = "model.onnx"
 REQUIRED_METADATA = ("classes", "in_channels", "image_size", "mean", "std")
 #: keys the package step sets and the service reports (looked up in labels, then metadata)
-REGISTRY_KEYS = ("registry_version", "registry_alias", "mlflow_run_id")
+REGISTRY_KEYS = ("registry_version", "mlflow_run_id")
 #: contract keys whose values are JSON (the others, e.g. mlflow_run_id, stay strings)
 JSON_KEYS = frozenset({"classes", "in_channels", "image_size", "mean", "std", "num_params"})
 
@@ -59,7 +74,7 @@ def read_onnx_metadata(onnx_file: str | Path) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -96,7 +111,7 @@ def save_to_bento_store(
     for key, value in extra.items():
         if key in mirrored and value not in (None, "") and mirrored[key] not in (None, "") and value != mirrored[key]:
             raise ValueError(f"metadata[{key!r}]={value!r} contradicts the ONNX file's {key}={mirrored[key]!r}")
-    merged = {**mirrored, **{k: v for k, v in extra.items() if v is not None}, "onnx_sha256": _sha256(src)}
+    merged = {**mirrored, **{k: v for k, v in extra.items() if v is not None}, "onnx_sha256": sha256_file(src)}
     str_labels = {str(k): str(v) for k, v in (labels or {}).items() if v is not None}
 
     with bentoml.models.create(name, labels=str_labels, metadata=merged) as model:
@@ -106,7 +121,7 @@ def save_to_bento_store(
 
 def bento_model_info(tag: str = f"{DEFAULT_MODEL_NAME}:latest") -> dict[str, Any]:
     """A stored model as a plain dict: tag, name, version, path (of model.onnx), labels, metadata,
-    creation_time, and ``registry`` (registry_version/registry_alias/mlflow_run_id from labels, else
+    creation_time, and ``registry`` (registry_version/mlflow_run_id from labels, else
     metadata). Raises ``bentoml.exceptions.NotFound`` for an unknown tag."""
     import bentoml
 
@@ -114,7 +129,7 @@ def bento_model_info(tag: str = f"{DEFAULT_MODEL_NAME}:latest") -> dict[str, Any
     info = model.info
     labels = dict(info.labels)
     meta = dict(info.metadata)
-    registry = {k: labels.get(k, meta.get(k)) for k in REGISTRY_KEYS}
+    registry = {k: labels.get(k, meta.get(k)) for k in REGISTRY_KEYS}  # a version's facts, never an alias
     return {
         "tag": str(model.tag),
         "name": model.tag.name,
@@ -139,3 +154,41 @@ def list_model_tags(name: str = DEFAULT_MODEL_NAME) -> list[str]:
     models = [m for m in bentoml.models.list() if m.tag.name == name]
     models.sort(key=lambda m: m.info.creation_time, reverse=True)
     return [str(m.tag) for m in models]
+
+
+def find_stored(name: str, onnx_sha256: str, registry_version: str | None = None) -> str | None:
+    """The newest stored version of ``name`` holding exactly this ONNX file (and registry version)."""
+    for tag in list_model_tags(name):
+        info = bento_model_info(tag)
+        if info["metadata"].get("onnx_sha256") != onnx_sha256:
+            continue
+        if registry_version is None or str(info["registry"].get("registry_version")) == str(registry_version):
+            return tag
+    return None
+
+
+@contextlib.contextmanager
+def store_lock(name: str, timeout_s: float = 300.0) -> Iterator[None]:
+    """One writer at a time for ``name``'s store entries and alias pointers (a kill -9 releases it)."""
+    with atomic.file_lock(pointer_file(name).with_suffix(".lock"), timeout_s):
+        yield
+
+
+def point_alias(name: str, alias: str, entry: dict[str, Any]) -> dict[str, dict]:
+    """Record that the store entry ``entry["tag"]`` serves ``alias`` (call under :func:`store_lock`);
+    atomic, so a reader (the service) sees the old pointers or the new ones. Returns all pointers."""
+    pointers = {**read_pointers(name), alias: entry}
+    atomic.write_json(pointer_file(name), pointers)
+    return pointers
+
+
+def store_serving(onnx_file: str | Path, *, name: str = DEFAULT_MODEL_NAME, alias: str = "champion",
+                  registry_version: str | None = None, mlflow_run_id: str | None = None) -> str:
+    """Store a model that is in no registry (tests, benchmarks) and point ``alias`` at it, as a
+    package run leaves the store; its tag."""
+    version = {"registry_version": registry_version} if registry_version else {}
+    with store_lock(name):
+        tag = save_to_bento_store(onnx_file, name=name, labels=version,
+                                  metadata={**version, "mlflow_run_id": mlflow_run_id})
+        point_alias(name, alias, {"tag": tag, **version})
+    return tag

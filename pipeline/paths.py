@@ -10,6 +10,7 @@ RAW_DIR = Path("data/raw")  # download cache (not tracked; DVC tracks data/prepa
 PREPARED_DIR = Path("data/prepared")
 OUTPUTS_DIR = Path("outputs")  # one folder per architecture
 CHECKPOINT_DIR = Path("checkpoints")  # resumable state; removed once a run completes
+RELEASE_DIR = Path("release")  # promotion.json, bento.json
 
 
 def arch_dir(arch: str) -> Path:

@@ -4,12 +4,19 @@
     python -m pipeline.promote list            # versions with metrics and aliases
     python -m pipeline.promote set 3 [--alias champion]   # promote a version by hand
     python -m pipeline.promote rollback        # champion back to the previous champion
+    python -m pipeline.promote history         # every alias change (the audit trail)
+
+A running service follows its alias (service/follower.py): a promotion or rollback here is served
+within CLASSIFIER_REGISTRY_POLL_S seconds, no package run needed.
 
 Champion/challenger gate: the best candidate (promote.metric, higher is better; tie-break
 promote.tie_break, lower is better) becomes `champion` only if it beats the current champion by more
 than promote.margin on the same test set; otherwise it becomes `challenger`. Every decision and
-alias change is recorded as tags (on the version, and an audit trail on the registered model).
-Versions that failed the parity gate are refused.
+alias change is recorded as tags (on the version, and an audit trail on the registered model: one
+`audit.<time>` tag per change, so concurrent writers never overwrite each other's entries). Changes
+hold `tracking.registry_lock`; an entry is written `pending` before its alias moves and `done` after,
+and the next change settles what a killed run left pending. Versions that failed the parity gate
+are refused.
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ import json
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,11 +36,8 @@ from . import atomic, tracking
 from .download import load_card, load_prepared
 from .export import EXPORTS_DIR, onnx_logits
 from .params import ParamsError, PromoteParams, load_params
-from .paths import PREPARED_DIR
-
-CHAMPION, CHALLENGER = "champion", "challenger"
-RELEASE_DIR = Path("release")
-HISTORY_LIMIT = 40  # audit entries kept in the registered model's tag
+from .paths import PREPARED_DIR, RELEASE_DIR
+from .serving import CHALLENGER, CHAMPION
 
 
 class PromotionError(RuntimeError):
@@ -68,34 +73,82 @@ def gate(best: Candidate, champion_version: str | None, champion_metric: float |
                         f"by more than the margin {margin}")
 
 
-# --- registry side effects --------------------------------------------------------------------------
-
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _history(name: str) -> list[dict]:
-    return json.loads(tracking.model_tags(name).get("alias_history", "[]"))
+def champion_stack(entries: list[dict]) -> list[str]:
+    """The champions a rollback walks back through, replayed from the audit trail (so the trail is
+    the only state: nothing can disagree with it): a promotion pushes, a rollback pops."""
+    stack: list[str] = []
+    for entry in entries:
+        if entry.get("alias") != CHAMPION or entry.get("state", "done") != "done":
+            continue
+        version = str(entry["version"])
+        if entry.get("action") == "rollback":
+            while stack and stack[-1] != version:
+                stack.pop()
+            stack = stack or [version]
+        else:
+            stack = [v for v in stack if v != version] + [version]
+    return stack
 
 
-def _champion_stack(name: str) -> list[str]:
-    return json.loads(tracking.model_tags(name).get("champion_stack", "[]"))
+def settle_pending(entry: dict, current_version: str | None) -> dict:
+    """A change interrupted (kill -9) after its audit entry was written: done if the alias did move,
+    aborted if it did not."""
+    moved = current_version == str(entry["version"])
+    return {**entry, "state": "done" if moved else "aborted",
+            "settled": f"{_now()}: interrupted {'after' if moved else 'before'} the alias moved"}
+
+
+# --- registry side effects --------------------------------------------------------------------------
+
+AUDIT_PREFIX = "audit."  # one registered-model tag per alias change: concurrent writers never clobber
+
+
+def history(name: str) -> list[dict]:
+    """Every alias change, oldest first (entries of the earlier single-tag trail first)."""
+    tags = tracking.model_tags(name)
+    legacy = json.loads(tags.get("alias_history", "[]"))
+    entries = [{**json.loads(value), "key": key} for key, value in sorted(tags.items()) if key.startswith(AUDIT_PREFIX)]
+    return legacy + entries
+
+
+def reconcile(name: str) -> list[dict]:
+    """Settle the entries that an interrupted change left pending (call under the registry lock)."""
+    settled = []
+    for entry in history(name):
+        if entry.get("state") == "pending":
+            current = tracking.version_by_alias(name, entry["alias"])
+            fixed = settle_pending(entry, current["version"] if current else None)
+            tracking.set_model_tag(name, entry["key"], json.dumps({k: v for k, v in fixed.items() if k != "key"}))
+            settled.append(fixed)
+    return settled
 
 
 def record_alias_change(name: str, alias: str, version: str, reason: str, action: str) -> dict:
-    """Move `alias` to `version` and record who, when, why and what it replaced."""
+    """Move `alias` to `version` and record who, when, why and what it replaced (under the registry
+    lock). The entry is written `pending` before the alias moves and `done` after, so an interrupted
+    change is recognisable and `reconcile` settles it."""
     previous = tracking.version_by_alias(name, alias)
     entry = {"time": _now(), "action": action, "alias": alias, "version": str(version),
-             "previous": previous["version"] if previous else None, "reason": reason, "by": getpass.getuser()}
+             "previous": previous["version"] if previous else None, "reason": reason, "by": getpass.getuser(),
+             "state": "pending"}
+    key = f"{AUDIT_PREFIX}{time.time_ns():020d}.{uuid.uuid4().hex[:6]}"
+    tracking.set_model_tag(name, key, json.dumps(entry))
     tracking.set_alias(name, alias, version)
     tracking.set_version_tags(name, version, {f"{alias}.since": entry["time"], f"{alias}.reason": reason})
-    history = (_history(name) + [entry])[-HISTORY_LIMIT:]
-    tracking.set_model_tag(name, "alias_history", json.dumps(history))
+    entry["state"] = "done"
+    tracking.set_model_tag(name, key, json.dumps(entry))
     return entry
 
 
 def require_parity(name: str, version: str) -> dict:
-    info = tracking.get_version(name, version)
+    try:
+        info = tracking.get_version(name, version)
+    except Exception as err:  # noqa: BLE001  (MLflow's RESOURCE_DOES_NOT_EXIST and friends)
+        raise PromotionError(f"registered model {name!r} has no version {version!r}") from err
     if info["tags"].get("parity_passed") != "true":
         raise PromotionError(f"version {version} of {name!r} did not pass the ONNX parity gate; refusing to promote it")
     return info
@@ -103,28 +156,26 @@ def require_parity(name: str, version: str) -> dict:
 
 def promote_version(name: str, version: str, alias: str = CHAMPION, reason: str = "manual promotion") -> dict:
     """Point `alias` at `version` by hand (refused for versions that failed the parity gate)."""
-    require_parity(name, version)
-    entry = record_alias_change(name, alias, version, reason, "promote")
-    if alias == CHAMPION:
-        stack = [v for v in _champion_stack(name) if v != str(version)] + [str(version)]
-        tracking.set_model_tag(name, "champion_stack", json.dumps(stack[-HISTORY_LIMIT:]))
-    return entry
+    with tracking.registry_lock(name):
+        reconcile(name)
+        require_parity(name, version)
+        return record_alias_change(name, alias, version, reason, "promote")
 
 
 def rollback(name: str) -> dict:
     """Champion back to the champion before the current one."""
-    stack = _champion_stack(name)
-    current = tracking.version_by_alias(name, CHAMPION)
-    if current is not None and stack and stack[-1] == current["version"]:
-        stack = stack[:-1]
-    if not stack:
-        raise PromotionError(f"{name!r} has no previous champion to roll back to")
-    target = stack[-1]
-    require_parity(name, target)
-    entry = record_alias_change(name, CHAMPION, target, f"rollback from v{current['version'] if current else '?'}",
-                                "rollback")
-    tracking.set_model_tag(name, "champion_stack", json.dumps(stack))
-    return entry
+    with tracking.registry_lock(name):
+        reconcile(name)
+        stack = champion_stack(history(name))
+        current = tracking.version_by_alias(name, CHAMPION)
+        if current is not None and stack and stack[-1] == current["version"]:
+            stack = stack[:-1]
+        if not stack:
+            raise PromotionError(f"{name!r} has no previous champion to roll back to")
+        target = stack[-1]
+        require_parity(name, target)
+        return record_alias_change(name, CHAMPION, target,
+                                   f"rollback from v{current['version'] if current else '?'}", "rollback")
 
 
 def register_export(name: str, export_json: Path) -> tuple[str, dict]:
@@ -187,17 +238,16 @@ def auto_promote(p: PromoteParams, archs: list[str]) -> dict:
                                     report["test_set_sha256"]))
         reports[arch] = {"version": version, p.metric: evaluation[p.metric], p.tie_break: evaluation[p.tie_break]}
     best = rank_candidates(candidates)[0]
-    champion = tracking.version_by_alias(name, CHAMPION)
-    champ_metric = champion_metric_on(name, champion, p.metric, test_sha) if champion else None
-    alias, reason = gate(best, champion["version"] if champion else None, champ_metric, p.margin)
-    tracking.set_version_tags(name, best.version, {"decision": alias, "decision.reason": reason,
-                                                   "decision.time": _now()})
-    if not (champion and champion["version"] == best.version):
-        if alias == CHAMPION:
-            promote_version(name, best.version, CHAMPION, reason)
-        else:
-            record_alias_change(name, CHALLENGER, best.version, reason, "gate")
-    final_champion = tracking.version_by_alias(name, CHAMPION)
+    with tracking.registry_lock(name):
+        reconcile(name)
+        champion = tracking.version_by_alias(name, CHAMPION)
+        champ_metric = champion_metric_on(name, champion, p.metric, test_sha) if champion else None
+        alias, reason = gate(best, champion["version"] if champion else None, champ_metric, p.margin)
+        tracking.set_version_tags(name, best.version, {"decision": alias, "decision.reason": reason,
+                                                       "decision.time": _now()})
+        if not (champion and champion["version"] == best.version):
+            record_alias_change(name, alias, best.version, reason, "gate")
+        final_champion = tracking.version_by_alias(name, CHAMPION)
     return {"registered_model": name, "metric": p.metric, "margin": p.margin, "candidates": reports,
             "best": {"arch": best.arch, "version": best.version, p.metric: best.metric},
             "previous_champion": {"version": champion["version"], p.metric: champ_metric} if champion else None,
@@ -216,6 +266,15 @@ def format_versions(versions: list[dict], metric: str) -> str:
     return "\n".join(lines)
 
 
+def format_history(entries: list[dict]) -> str:
+    lines = [f"{'time':<20}  {'action':<8} {'alias':<10} {'version':>7}  {'from':>4}  {'state':<7}  by / reason"]
+    for e in entries:
+        lines.append(f"{e.get('time', '?'):<20}  {e.get('action', '?'):<8} {e.get('alias', '?'):<10} "
+                     f"{e.get('version', '?'):>7}  {e.get('previous') or '-':>4}  {e.get('state', 'done'):<7}  "
+                     f"{e.get('by', '?')}: {e.get('reason', '')}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
@@ -227,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     set_cmd.add_argument("--alias", default=CHAMPION)
     set_cmd.add_argument("--reason", default="manual promotion")
     sub.add_parser("rollback", help="champion back to the previous champion")
+    sub.add_parser("history", help="every alias change: when, who, what, why")
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
@@ -245,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "rollback":
             entry = rollback(name)
             print(f"promote: {name}: champion rolled back to v{entry['version']} (was v{entry['previous']})")
+        elif args.command == "history":
+            print(format_history(history(name)))
     except (ParamsError, PromotionError, FileNotFoundError, tracking.TrackingError) as err:
         print(f"promote: error: {err}", file=sys.stderr)
         return 2

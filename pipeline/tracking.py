@@ -6,13 +6,19 @@ Store: `MLFLOW_TRACKING_URI` when set, else an embedded SQLite store at the repo
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import socket
+import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
+from . import atomic
 from .paths import REPO_ROOT
 
 
@@ -291,3 +297,114 @@ def download_version(name: str, version: str, dest: str | Path) -> Path:
 
     client()
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dest)))
+
+
+# --- alias look-ups without mlflow, and the registry lock ---------------------------------------------
+
+def sqlite_file(uri: str | None = None) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI (None for a tracking server)."""
+    uri = uri or tracking_uri()
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def require_store() -> None:
+    """For readers of the registry (serving): a SQLite store must exist already (MLflow would
+    silently create an empty one, and a service would then see no alias at all)."""
+    db = sqlite_file()
+    if db is not None and not db.is_file():
+        raise TrackingError(f"MLflow store {tracking_uri()}: no such file")
+
+
+def peek_alias(name: str, alias: str, timeout_s: float = 3.0) -> str | None:
+    """The version `alias` points to, read without importing mlflow (~190 MB and ~3 s per process),
+    for the service's frequent checks: SQLite read-only, or the tracking server's REST API
+    (GET /api/2.0/mlflow/registered-models/alias). None when the alias is not set; TrackingError when
+    the store cannot be read (a missing SQLite file is never created)."""
+    uri = tracking_uri()
+    db = sqlite_file(uri)
+    if db is not None:
+        require_store()
+        try:
+            with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True,
+                                                    timeout=timeout_s)) as con:
+                row = con.execute("SELECT version FROM registered_model_aliases WHERE name = ? AND alias = ?",
+                                  (name, alias)).fetchone()
+        except sqlite3.Error as err:
+            raise TrackingError(f"MLflow store {uri} cannot be read: {err}") from err
+        return str(row[0]) if row else None
+    if uri.startswith(("http://", "https://")):
+        return _peek_alias_rest(uri, name, alias, timeout_s)
+    return (version_by_alias(name, alias) or {}).get("version")  # other stores: through mlflow
+
+
+def _peek_alias_rest(uri: str, name: str, alias: str, timeout_s: float) -> str | None:
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    query = urllib.parse.urlencode({"name": name, "alias": alias})
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/api/2.0/mlflow/registered-models/alias?{query}",
+                                    timeout=timeout_s) as resp:
+            return str(json.loads(resp.read())["model_version"]["version"])
+    except urllib.error.HTTPError as err:
+        if err.code == 404:
+            return None
+        raise TrackingError(f"MLflow tracking server {uri} answered {err.code} for alias {alias!r}") from err
+    except (urllib.error.URLError, OSError, KeyError, ValueError) as err:
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({err})") from err
+
+
+class RegistryBusy(TrackingError):
+    """Another process is changing the registered model's aliases."""
+
+
+LEASE_TAG = "lock"  # team mode: a lease on the registered model (no shared file system to lock)
+LEASE_S = 60.0
+
+
+@contextlib.contextmanager
+def registry_lock(name: str, timeout_s: float = 30.0) -> Iterator[None]:
+    """Serialize alias changes of registered model `name` across processes (promote, rollback, the
+    gate): a flock beside a SQLite store (released by the kernel when a holder is killed), else a
+    lease tag on the registered model that expires LEASE_S after a holder died. Raises RegistryBusy
+    after `timeout_s`, naming the holder."""
+    db = sqlite_file()
+    if db is not None:
+        def busy(path: Path) -> RegistryBusy:
+            return RegistryBusy(f"another promote/rollback has held {path} for more than {timeout_s:.0f} s; "
+                                f"retry when it has finished")
+
+        with atomic.file_lock(db.with_name(f"{db.name}.{name}.lock"), timeout_s, busy):
+            yield
+        return
+    token = _acquire_lease(name, timeout_s)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            if _lease(name).get("token") == token:
+                client().delete_registered_model_tag(name, LEASE_TAG)
+
+
+def _lease(name: str) -> dict:
+    try:
+        return json.loads(model_tags(name).get(LEASE_TAG, "{}"))
+    except ValueError:
+        return {}
+
+
+def _acquire_lease(name: str, timeout_s: float) -> str:
+    token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        held = _lease(name)
+        if not held or held.get("expires", 0) < time.time() or held.get("token") == token:
+            set_model_tag(name, LEASE_TAG, json.dumps({"token": token, "expires": time.time() + LEASE_S}))
+            time.sleep(0.2)  # a rival that wrote at the same moment: the last write wins, read it back
+            if _lease(name).get("token") == token:
+                return token
+        if time.monotonic() > deadline:
+            raise RegistryBusy(f"registered model {name!r} is being changed by {held.get('token', '?')} (lease until "
+                               f"{time.strftime('%H:%M:%S', time.localtime(held.get('expires', 0)))}); retry later")
+        time.sleep(0.2 + 0.3 * (uuid.uuid4().int % 100) / 100)

@@ -88,6 +88,12 @@ class MicroBatcher:
         self._wakeup.set()
         return await future
 
+    def close(self) -> None:
+        """Stop the model thread once nothing will be submitted any more (a retired model's batcher)."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        self._executor.shutdown(wait=False)
+
     def _take_batch(self) -> list[tuple[np.ndarray, asyncio.Future]]:
         """The queued requests that fit in one call, oldest first (always at least one)."""
         taken, size = [], 0

@@ -15,7 +15,18 @@ from .preprocessing import DEFAULT_MAX_PIXELS
 #: name -> (default, description); the README table is generated from this.
 ENV_VARS: dict[str, tuple[str, str]] = {
     "CLASSIFIER_MODEL_NAME": ("image-classifier", "BentoML model-store name of the ONNX model"),
-    "CLASSIFIER_MODEL_VERSION": ("latest", "model version in the store (`latest` = newest)"),
+    "CLASSIFIER_MODEL_VERSION": ("", "empty: serve what the store's pointer for CLASSIFIER_MODEL_ALIAS names and follow "
+                                 "the alias; a store version (or `latest`): serve that one, pinned (a built Bento is "
+                                 "always pinned to the version it was built with)"),
+    "CLASSIFIER_MODEL_ALIAS": ("champion", "the MLflow registry alias served and followed"),
+    "CLASSIFIER_REGISTRY_POLL_S": ("10", "seconds between checks of the registry alias (a promotion or rollback is "
+                                   "served within about this time plus the load); 0 = follow only the store's pointer "
+                                   "(moved by `python -m pipeline.package`)"),
+    "CLASSIFIER_ADMIN_TOKEN": ("", "bearer token for POST /admin/reload (check the registry now); empty = the "
+                               "endpoint answers 403"),
+    "CLASSIFIER_SHADOW_ALIAS": ("", "registry alias (e.g. `challenger`) run beside the champion on a sample of live "
+                                "traffic, off the response path; agreement and latency on /metrics; empty = off"),
+    "CLASSIFIER_SHADOW_RATE": ("0.1", "fraction of requests shadowed (at most one shadow call in flight per worker)"),
     "CLASSIFIER_PROVIDERS": (
         "auto",
         "ONNX Runtime providers: `auto` (CUDA when usable, else CPU), `cpu`, `cuda` (CUDA; when it cannot start, "
@@ -59,6 +70,17 @@ def _int(env: Mapping[str, str], name: str, minimum: int) -> int:
     return value
 
 
+def _float(env: Mapping[str, str], name: str, minimum: float, maximum: float = float("inf")) -> float:
+    raw = env.get(name, "").strip() or ENV_VARS[name][0]
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{name}={value} must be between {minimum} and {maximum}")
+    return value
+
+
 def _flag(env: Mapping[str, str], name: str) -> bool:
     raw = env.get(name, "").strip().lower() or ENV_VARS[name][0]
     if raw not in ("0", "1", "true", "false", "yes", "no"):
@@ -69,7 +91,12 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
 @dataclass(frozen=True)
 class ServiceConfig:
     model_name: str = "image-classifier"
-    model_version: str = "latest"
+    model_version: str = ""
+    model_alias: str = "champion"
+    registry_poll_s: float = 10.0
+    admin_token: str = ""
+    shadow_alias: str = ""
+    shadow_rate: float = 0.1
     providers: str = "auto"
     ort_threads: int = 0
     workers: int = 0  # 0 -> cpu_count, resolved by from_env
@@ -87,10 +114,6 @@ class ServiceConfig:
     cpu_count: int = field(default_factory=lambda: os.cpu_count() or 1)
 
     @property
-    def model_tag(self) -> str:
-        return f"{self.model_name}:{self.model_version}"
-
-    @property
     def intra_op_threads(self) -> int:
         """Threads per ONNX Runtime session: explicit, or the CPUs shared among the workers."""
         if self.ort_threads > 0:
@@ -98,13 +121,18 @@ class ServiceConfig:
         return max(1, self.cpu_count // max(1, self.workers))
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "model_tag": self.model_tag, "intra_op_threads": self.intra_op_threads}
+        return {**asdict(self), "admin_token": "***" if self.admin_token else "",
+                "intra_op_threads": self.intra_op_threads}
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "ServiceConfig":
         env = os.environ if env is None else env
         name = env.get("CLASSIFIER_MODEL_NAME", "").strip() or "image-classifier"
-        version = env.get("CLASSIFIER_MODEL_VERSION", "").strip() or "latest"
+        version = env.get("CLASSIFIER_MODEL_VERSION", "").strip()
+        alias = env.get("CLASSIFIER_MODEL_ALIAS", "").strip() or "champion"
+        shadow_alias = env.get("CLASSIFIER_SHADOW_ALIAS", "").strip()
+        if shadow_alias == alias:
+            raise ValueError(f"CLASSIFIER_SHADOW_ALIAS={shadow_alias!r} is the served alias itself")
         if ":" in name:
             raise ValueError(f"CLASSIFIER_MODEL_NAME={name!r} must be a bare name; put the version in CLASSIFIER_MODEL_VERSION")
         for old in RENAMED:
@@ -116,6 +144,11 @@ class ServiceConfig:
         return cls(
             model_name=name,
             model_version=version,
+            model_alias=alias,
+            registry_poll_s=_float(env, "CLASSIFIER_REGISTRY_POLL_S", 0.0),
+            admin_token=env.get("CLASSIFIER_ADMIN_TOKEN", "").strip(),
+            shadow_alias=shadow_alias,
+            shadow_rate=_float(env, "CLASSIFIER_SHADOW_RATE", 0.001, 1.0),
             providers=providers,
             ort_threads=_int(env, "CLASSIFIER_ORT_THREADS", 0),
             workers=_int(env, "CLASSIFIER_WORKERS", 0) or cpu_count,

@@ -14,15 +14,30 @@ service (adaptive batching across processes) cost ~5 ms of CPU per request in se
 second HTTP hop, 100x the tiny CNN's inference (bench/results, README "Serving benchmark").
 Batch sizes are on ``/metrics`` as the histogram ``classifier_batch_size``.
 
+Which model: ``service.model_source.select_model`` (a built Bento serves the version it was built
+with; ``CLASSIFIER_MODEL_VERSION`` pins a store version; otherwise the store's pointer for the
+registry alias ``CLASSIFIER_MODEL_ALIAS``, default ``champion``). An unpinned worker follows its
+alias (``service.follower``): a promotion or rollback in the registry is loaded and warmed beside
+the serving model, then swapped in; in-flight requests finish on the model they started on, and
+every prediction response names the model that answered (``X-Model-Version``: registry version,
+``X-Model-Tag``: store tag). ``CLASSIFIER_SHADOW_ALIAS`` runs a challenger on a sample of the
+traffic, off the response path (``service.shadow``). ``POST /admin/reload`` (bearer token
+``CLASSIFIER_ADMIN_TOKEN``) checks the registry at once.
+
 Errors are JSON: ``{"error": message, "reason": code, "status": http_status, "file": name,
 "index": i, "errors": [per-file entries]}``; bad input is a 4xx, overload a 429/503, never a hang.
 """
 import asyncio
 import base64
 import binascii
+import fcntl
 import gc
+import hmac
 import json
 import logging
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -39,16 +54,40 @@ import bentoml
 from service.batcher import MicroBatcher, Overloaded
 from service.config import ServiceConfig
 from service.engine import OnnxClassifier
+from service.follower import AliasFollower
 from service.limits import ConnectionRecycleMiddleware, RequestSizeLimitMiddleware
+from service.model_source import NoModelForAlias, Selection, pointer_file, read_pointers, select_model
 from service.patches import patch_timeout_middleware
 from service.postprocessing import predictions
 from service.preprocessing import ImageError, PreprocessSpec, image_to_array, normalize
+from service.shadow import Shadow
 from service.ui import ServerTimingMiddleware, ui_routes
 
 CONFIG = ServiceConfig.from_env()
 patch_timeout_middleware()  # BentoML's per-request timeout timers otherwise live for the whole timeout
 MODEL_FILE = "model.onnx"  # as written by pipeline/bento_store.py
-REGISTRY_KEYS = ("registry_version", "registry_alias", "mlflow_run_id")
+REGISTRY_KEYS = ("registry_version", "mlflow_run_id")  # a stored version's facts (labels, else metadata)
+SOURCE_DIR = Path(__file__).resolve().parent.parent  # the project (or the Bento's src/) folder
+try:  # at import: what `bentoml build` pins and what a worker serves unless it runs from a Bento
+    SELECTION: Optional[Selection] = select_model(CONFIG.model_name, CONFIG.model_version, CONFIG.model_alias,
+                                                  None, read_pointers(CONFIG.model_name))
+    NO_MODEL: Optional[str] = None
+except NoModelForAlias as _err:  # importable (tests, tooling); a worker refuses to start, saying why
+    SELECTION, NO_MODEL = None, str(_err)
+
+
+def worker_selection() -> Optional[Selection]:
+    """In a worker: a built Bento's own model (BentoML sets ``Service.bento`` when it serves one, but
+    re-resolves only Hugging Face model references to the Bento's versions, so this one is ours to
+    pin), else the import-time selection."""
+    bento = getattr(Classifier, "bento", None)
+    tags = [str(m.tag) for m in getattr(getattr(bento, "info", None), "all_models", []) or []
+            if m.tag.name == CONFIG.model_name]
+    if tags:
+        return select_model(CONFIG.model_name, "", CONFIG.model_alias, tags[0], {})
+    return SELECTION
+#: seconds the registry -> store sync (python -m pipeline.serving: download, check, store) may take
+SYNC_TIMEOUT_S = 300
 FIELD = "images"
 #: requests whose files total at most this many bytes are decoded on the event loop (a 28x28 PNG
 #: decodes in ~30 us, less than handing it to a thread); larger ones go to a thread pool
@@ -253,16 +292,35 @@ BATCH_SIZE = bentoml.metrics.Histogram(
 )
 
 
-def load_engine(stored: Any) -> tuple[OnnxClassifier, dict]:
+MODEL_EVENTS = bentoml.metrics.Counter(
+    name="classifier_model_events",
+    documentation="alias following: models loaded, versions refused (kept serving the old one), registry errors",
+    labelnames=["alias", "event"],
+)
+MODEL_SECONDS = bentoml.metrics.Histogram(
+    name="classifier_model_seconds",
+    documentation="seconds a request's images spent in the model (champion: queue + call; shadow: call)",
+    labelnames=["model"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
+)
+SHADOW_IMAGES = bentoml.metrics.Counter(
+    name="classifier_shadow_images",
+    documentation="shadowed images by outcome: agree / disagree (top-1 of challenger vs champion), skipped (busy), error",
+    labelnames=["outcome"],
+)
+
+
+def load_engine(stored: Any, threads: Optional[int] = None) -> tuple[OnnxClassifier, dict]:
     """The worker's ONNX Runtime session for the store entry ``stored``, warmed up, and its description."""
     path = stored.path_of(MODEL_FILE)
     started = time.perf_counter()
     try:
-        engine = OnnxClassifier(path, providers=CONFIG.providers, intra_op_threads=CONFIG.intra_op_threads)
+        engine = OnnxClassifier(path, providers=CONFIG.providers, intra_op_threads=threads or CONFIG.intra_op_threads)
     except Exception as err:  # one clear line before BentoML's traceback; the worker never becomes ready
         logger.error(
-            "cannot serve model %s from %s: %s: %s (CLASSIFIER_MODEL_NAME/CLASSIFIER_MODEL_VERSION select the "
-            "model; see docs/model-contract.md)", stored.tag, path, type(err).__name__, err)
+            "cannot serve model %s from %s: %s: %s (CLASSIFIER_MODEL_NAME/CLASSIFIER_MODEL_ALIAS/"
+            "CLASSIFIER_MODEL_VERSION select the model; see docs/model-contract.md)", stored.tag, path,
+            type(err).__name__, err)
         raise
     logger.info(
         "model %s loaded from %s: ONNX Runtime providers requested %s, ACTIVE %s, intra-op threads %d",
@@ -291,13 +349,90 @@ def load_engine(stored: Any) -> tuple[OnnxClassifier, dict]:
     return engine, description
 
 
+# --- following the registry alias ------------------------------------------------------------------
+
+def _sync_command(alias: str) -> Any:
+    """``sync`` for the follower: ``python -m pipeline.serving`` in a subprocess (mlflow stays out of
+    the worker), run by one worker at a time: the others find the sync lock taken and return False
+    (the pointer move reaches them anyway)."""
+    def sync() -> bool:
+        lock_path = pointer_file(CONFIG.model_name).with_suffix(f".{alias}.sync")
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with lock_path.open("a+") as handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            out = subprocess.run([sys.executable, "-m", "pipeline.serving", "--model", CONFIG.model_name,
+                                  "--alias", alias], cwd=SOURCE_DIR, capture_output=True, text=True,
+                                 timeout=SYNC_TIMEOUT_S)
+        if out.returncode != 0:
+            raise RuntimeError((out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1])
+        logger.info("%s", out.stdout.strip())
+        return True
+
+    return sync
+
+
+def make_follower(alias: str, serving: Optional[dict], swap: Any, threads: Optional[int] = None) -> AliasFollower:
+    """A follower of ``alias`` in this worker: the store's pointer always, the registry every
+    CLASSIFIER_REGISTRY_POLL_S seconds (through pipeline.tracking's mlflow-free look-up)."""
+    peek = sync = None
+    if CONFIG.registry_poll_s > 0:
+        from pipeline import tracking  # the source tree's; a built Bento is pinned and never gets here
+
+        def peek() -> Optional[str]:
+            return tracking.peek_alias(CONFIG.model_name, alias)
+
+        sync = _sync_command(alias)
+    return AliasFollower(
+        alias, serving, read_pointer=lambda: read_pointers(CONFIG.model_name).get(alias),
+        load=lambda tag: load_engine(bentoml.models.get(tag), threads), swap=swap, peek=peek, sync=sync,
+        registry_poll_s=CONFIG.registry_poll_s, on_event=lambda event: MODEL_EVENTS.labels(alias=alias, event=event).inc())
+
+
+class Slot:
+    """One loaded model and its micro-batcher. A request keeps the slot it started on, so a swap
+    never changes the model under a request that is already running."""
+
+    def __init__(self, engine: Any, description: dict, max_latency_ms: float) -> None:
+        self.engine, self.description = engine, description
+        self.spec: PreprocessSpec = engine.spec  # read from the model's metadata (service.engine)
+        self.batcher = MicroBatcher(engine.logits, CONFIG.max_batch_size, max_latency_ms, on_batch=BATCH_SIZE.observe)
+        version = description.get("registry_version") or description.get("model_version")
+        self.headers = {"X-Model-Version": str(version), "X-Model-Tag": str(description.get("model_tag"))}
+        self.users = 0  # requests running on this slot
+
+    async def retire(self) -> None:
+        """After a swap: wait for the requests still running here, then stop the batcher's thread."""
+        while self.users:
+            await asyncio.sleep(0.05)
+        self.batcher.close()
+
+
 # --- the public service ----------------------------------------------------------------------------
 
 async def _get_metadata(request: Request) -> JSONResponse:
     return JSONResponse(bentoml.get_current_service().metadata_dict())
 
 
-_metadata_app = Starlette(routes=[Route("/metadata", _get_metadata, methods=["GET"]), *ui_routes()])
+async def _admin_reload(request: Request) -> JSONResponse:
+    """Check the registry now (the follower would within CLASSIFIER_REGISTRY_POLL_S). Bearer token."""
+    if not CONFIG.admin_token:
+        return error_response(403, "admin endpoints are disabled: set CLASSIFIER_ADMIN_TOKEN", "admin_disabled")
+    supplied = request.headers.get("authorization", "").encode()
+    if not hmac.compare_digest(supplied, f"Bearer {CONFIG.admin_token}".encode()):
+        return error_response(401, "POST /admin/reload needs 'Authorization: Bearer <CLASSIFIER_ADMIN_TOKEN>'",
+                              "unauthorized", headers={"WWW-Authenticate": "Bearer"})
+    svc = bentoml.get_current_service()
+    if svc.follower is None:
+        return error_response(409, f"this service is pinned ({svc.selection.pinned_by}: {svc.selection.tag}); it follows "
+                              "no alias", "pinned")
+    return JSONResponse(await svc.follower.check_now())
+
+
+_metadata_app = Starlette(routes=[Route("/metadata", _get_metadata, methods=["GET"]),
+                                  Route("/admin/reload", _admin_reload, methods=["POST"]), *ui_routes()])
 
 
 @bentoml.asgi_app(_metadata_app, path="/")
@@ -315,24 +450,61 @@ _metadata_app = Starlette(routes=[Route("/metadata", _get_metadata, methods=["GE
 class Classifier:
     """Image classification: POST images, get labels with softmax scores and top-k lists."""
 
-    model_ref = bentoml.models.BentoModel(CONFIG.model_tag)
+    if SELECTION is not None:  # resolved (and, by `bentoml build`, copied into the Bento) by BentoML
+        model_ref = bentoml.models.BentoModel(SELECTION.tag)
 
     def __init__(self) -> None:
-        self._start(*load_engine(self.model_ref))
+        self.selection = selection = worker_selection()
+        if selection is None:
+            logger.error("cannot start: %s", NO_MODEL)
+            raise NoModelForAlias(NO_MODEL)
+        self._start(*load_engine(bentoml.models.get(selection.tag)))
+        entry = {**read_pointers(CONFIG.model_name).get(selection.alias or "", {}), "tag": selection.tag,
+                 "registry_version": self._slot.description.get("registry_version")}
+        self.follower = make_follower(selection.alias, entry, self._swap) if selection.follows else None
+        if CONFIG.shadow_alias:
+            self.shadow = Shadow(CONFIG.shadow_rate, _record_shadow)
+            self.shadow_follower = make_follower(CONFIG.shadow_alias, None, self._swap_shadow, threads=1)
         # Everything loaded so far (BentoML, ONNX Runtime, pydantic schemas: ~10^6 objects) lives as
         # long as the worker: keep it out of the cyclic GC, whose full collections otherwise stall
         # the event loop for ~0.1 s every few seconds under load (p99 latency).
         gc.collect()
         gc.freeze()
 
+    @bentoml.on_startup
+    async def _follow(self) -> None:
+        for follower in (self.follower, self.shadow_follower):
+            if follower is not None:
+                self._tasks.append(asyncio.get_running_loop().create_task(follower.run(), name=f"follow-{follower.alias}"))
+
     def _start(self, engine: Any, description: dict, max_latency_ms: Optional[float] = None) -> None:
         """Serve ``engine`` (``spec``: its ``PreprocessSpec``; ``logits(float32 [N, C, H, W]) -> [N, classes]``)
         described by ``description``."""
-        self.engine, self._description = engine, description
-        self._spec: PreprocessSpec = engine.spec  # read from the model's metadata (service.engine)
-        budget = CONFIG.max_latency_ms if max_latency_ms is None else max_latency_ms
-        self.batcher = MicroBatcher(engine.logits, CONFIG.max_batch_size, budget, on_batch=BATCH_SIZE.observe)
+        self._max_latency_ms = CONFIG.max_latency_ms if max_latency_ms is None else max_latency_ms
+        self._slot = Slot(engine, description, self._max_latency_ms)
         self._decode_limiter: Optional[anyio.CapacityLimiter] = None
+        for name in ("selection", "follower", "shadow", "shadow_follower"):  # set by __init__; absent for a bare _start
+            setattr(self, name, getattr(self, name, None))
+        self._tasks = getattr(self, "_tasks", [])
+
+    def _swap(self, model: tuple[Any, dict], entry: dict) -> None:
+        """Serve a newly loaded model from the next request on (one assignment: atomic on the loop)."""
+        engine, description = model
+        old, self._slot = self._slot, Slot(engine, description, self._max_latency_ms)
+        task = asyncio.get_running_loop().create_task(old.retire())
+        self._tasks = [t for t in self._tasks if not t.done()] + [task]
+
+    def _swap_shadow(self, model: tuple[Any, dict], entry: dict) -> None:
+        assert self.shadow is not None
+        self.shadow.engine, self.shadow.description = model
+
+    @property
+    def engine(self) -> Any:
+        return self._slot.engine
+
+    @property
+    def batcher(self) -> MicroBatcher:
+        return self._slot.batcher
 
     def _decode(self, uploads: list, spec: PreprocessSpec) -> tuple[list, list]:
         arrays, errors = [], []
@@ -351,25 +523,29 @@ class Classifier:
                                "status": 400, "error": f"cannot decode image: {type(err).__name__}: {err}"})
         return arrays, errors
 
-    async def _infer(self, batch: np.ndarray) -> "np.ndarray | JSONResponse":
+    async def _infer(self, batch: np.ndarray, slot: Optional[Slot] = None) -> "np.ndarray | JSONResponse":
+        slot = slot or self._slot
         step = CONFIG.max_batch_size
         chunks = [batch[i:i + step] for i in range(0, len(batch), step)]
+        started = time.perf_counter()
         try:
-            parts = await asyncio.gather(*(self.batcher.submit(chunk) for chunk in chunks))
+            parts = await asyncio.gather(*(slot.batcher.submit(chunk) for chunk in chunks))
         except Overloaded as err:
             return error_response(
                 503, f"the model server is overloaded ({err}; CLASSIFIER_MAX_LATENCY_MS={CONFIG.max_latency_ms}); "
                 "retry later", "overloaded", headers={"Retry-After": "1"})
+        MODEL_SECONDS.labels(model="champion").observe(time.perf_counter() - started)
         return np.concatenate(parts, axis=0) if parts else np.zeros((0, 0), np.float32)
 
-    async def _classify(self, uploads: Any, top_k: Any) -> Any:
+    async def _classify(self, uploads: Any, top_k: Any, slot: Optional[Slot] = None) -> Any:
+        slot = slot or self._slot
         if isinstance(uploads, Rejection):
             return uploads.response()
         if isinstance(top_k, Rejection):
             return top_k.response()
         if len(uploads) > CONFIG.max_images:
             return _too_many(len(uploads)).response()
-        spec = self._spec
+        spec = slot.spec
         if sum(len(u.data) for u in uploads) <= INLINE_DECODE_BYTES:
             arrays, errors = self._decode(uploads, spec)  # cheaper than a thread hop
         else:
@@ -383,11 +559,21 @@ class Classifier:
                 first["status"], f"{summary} could not be used; first: {first['file']}: {first['error']}",
                 first["reason"], file=first["file"], index=first["index"], errors=errors)
         batch = normalize(np.stack(arrays), spec.mean, spec.std)
-        logits = await self._infer(batch)
+        logits = await self._infer(batch, slot)
         if isinstance(logits, JSONResponse):
             return logits
+        if self.shadow is not None:
+            self.shadow.offer(batch, logits)
         k = top_k if isinstance(top_k, int) else CONFIG.top_k
         return predictions(logits, spec.classes, k)
+
+    async def _answer(self, images: Any, top_k: Any) -> Any:
+        slot = self._slot  # this request's model, whatever a swap does meanwhile
+        slot.users += 1
+        try:
+            return _ready_response(await self._classify(images, top_k, slot), slot)
+        finally:
+            slot.users -= 1
 
     @bentoml.api(route="/classify", input_spec=ClassifyMultipart)
     async def classify(self, images: Any, top_k: Any = None) -> list[Prediction]:
@@ -395,9 +581,9 @@ class Classifier:
 
         Returns one prediction per image, in request order: ``label``, ``index``, ``score`` (softmax
         probability) and ``top_k`` (the k most probable classes; k from the ``top_k`` form field or
-        ``CLASSIFIER_TOP_K``).
+        ``CLASSIFIER_TOP_K``). The ``X-Model-Version`` header names the registry version that answered.
         """
-        return _ready_response(await self._classify(images, top_k))
+        return await self._answer(images, top_k)
 
     @bentoml.api(route="/classify_base64", input_spec=ClassifyBase64)
     async def classify_base64(self, images: Any, top_k: Any = None) -> list[Prediction]:
@@ -405,18 +591,24 @@ class Classifier:
 
         Same response as ``/classify``; items that fail are named ``images[i]`` in errors.
         """
-        return _ready_response(await self._classify(images, top_k))
+        return await self._answer(images, top_k)
 
     @bentoml.api(route="/metadata", input_spec=NoInput)
     async def metadata(self) -> dict:
-        """Model name, registry version/alias, MLflow run, classes, input shape, normalization,
-        active ONNX Runtime execution providers, batching and request limits (also ``GET /metadata``)."""
+        """The model served (store tag, registry version, MLflow run, classes, input shape,
+        normalization, active execution providers), the alias it follows and when it was loaded, the
+        last registry check, refusals, shadow statistics, batching and request limits (also ``GET /metadata``)."""
         return self.metadata_dict()
 
     def metadata_dict(self) -> dict:
-        description = self._description
+        description = self._slot.description
+        serving = self.follower.status if self.follower else {"alias": None, "model_tag": description.get("model_tag")}
         return {
             **description,
+            "registry_alias": getattr(self.selection, "alias", None),
+            "pinned_by": getattr(self.selection, "pinned_by", None),
+            "serving": serving,
+            "shadow": self._shadow_status(),
             "execution_providers": description.get("active_providers"),
             "limits": {
                 "max_images": CONFIG.max_images,
@@ -428,6 +620,19 @@ class Classifier:
             "top_k_default": CONFIG.top_k,
         }
 
+    def _shadow_status(self) -> Optional[dict]:
+        if self.shadow is None or self.shadow_follower is None:
+            return None
+        model = getattr(self.shadow, "description", None) or {}
+        return {**self.shadow.status, "alias": CONFIG.shadow_alias, "model_tag": model.get("model_tag"),
+                "registry_version": model.get("registry_version"), "follow": self.shadow_follower.status}
+
+
+def _record_shadow(outcome: str, images: int, seconds: Optional[float]) -> None:
+    SHADOW_IMAGES.labels(outcome=outcome).inc(images)
+    if seconds is not None:
+        MODEL_SECONDS.labels(model="shadow").observe(seconds)
+
 
 Classifier.add_asgi_middleware(RequestSizeLimitMiddleware, max_bytes=CONFIG.max_request_bytes)
 if CONFIG.workers > 1:  # spread keep-alive connections over the workers (see the middleware)
@@ -435,11 +640,12 @@ if CONFIG.workers > 1:  # spread keep-alive connections over the workers (see th
 Classifier.add_asgi_middleware(ServerTimingMiddleware)  # Server-Timing: app;dur=<ms> (shown by /ui)
 
 
-def _ready_response(result: Any) -> Any:
-    """Predictions as a ready JSON response: BentoML would otherwise rebuild the output type's JSON
-    schema (to pick a media type) and validate every item with pydantic on each request, about 30%
-    of the public process' CPU for single-image requests (bench/serve.py --profile)."""
-    return JSONResponse(result) if isinstance(result, list) else result
+def _ready_response(result: Any, slot: Slot) -> Any:
+    """Predictions as a ready JSON response naming the model that answered: BentoML would otherwise
+    rebuild the output type's JSON schema (to pick a media type) and validate every item with
+    pydantic on each request, about 30% of the public process' CPU for single-image requests
+    (bench/serve.py --profile)."""
+    return JSONResponse(result, headers=slot.headers) if isinstance(result, list) else result
 
 
 def _fix_media_types(*services: Any) -> None:

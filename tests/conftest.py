@@ -146,3 +146,27 @@ def prepared_mnist(tmp_path_factory, data_mirror) -> Path:
     proj.write_params({"cnn": {}}, limit=3000)
     proj.run("pipeline.download")
     return proj.path / "data" / "prepared"
+
+
+#: the two models of `exported_models`: a decent `cnn` and a deliberately weak `mlp`
+EXPORTED_MODELS = {"cnn": {"epochs": 2, "lr": 0.05}, "mlp": {"epochs": 1, "lr": 0.0002}}
+
+
+@pytest.fixture(scope="session")
+def exported_models(tmp_path_factory, prepared_mnist) -> Path:
+    """A project folder in which train, evaluate and export ran for EXPORTED_MODELS (nothing
+    registered yet), made once per session; clone it (`clone_project`), never modify it."""
+    proj = Project(tmp_path_factory.mktemp("exported"), mirror_path())
+    proj.write_params(EXPORTED_MODELS)
+    proj.copy_prepared(prepared_mnist)
+    for arch in EXPORTED_MODELS:
+        for stage in ("pipeline.train", "pipeline.evaluate", "pipeline.export"):
+            proj.run(stage, "--arch", arch)
+    return proj.path
+
+
+def clone_project(source: Path, target: Path) -> Project:
+    """A copy of a project folder, MLflow store included (its runs keep their artifacts where they
+    are: the copy reads them, and new runs' artifacts land beside the source's)."""
+    shutil.copytree(source, target)
+    return Project(target, mirror_path())

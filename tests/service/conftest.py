@@ -144,14 +144,12 @@ def build_slow_onnx_model(path: Path) -> Path:
     return export_with_contract(torch, onnx, model, path, "slowcnn")
 
 
-def store_in_bento_home(onnx_path: Path, home: Path) -> str:
-    """``onnx_path`` as ``image-classifier`` (registry version 7, alias champion) in ``home``; its tag."""
-    code = (
-        "from pipeline.bento_store import save_to_bento_store\n"
-        f"print(save_to_bento_store({str(onnx_path)!r}, name='image-classifier', "
-        "labels={'registry_alias': 'champion', 'registry_version': '7'}, "
-        "metadata={'registry_version': '7', 'registry_alias': 'champion', 'mlflow_run_id': 'test-run-0000'}))"
-    )
+def store_in_bento_home(onnx_path: Path, home: Path, alias: str = "champion", version: str = "7") -> str:
+    """``onnx_path`` as ``image-classifier`` (registry version 7) in ``home``, with the store's
+    ``alias`` pointing at it (as the package stage leaves it); its tag."""
+    code = ("from pipeline.bento_store import store_serving\n"
+            f"print(store_serving({str(onnx_path)!r}, alias={alias!r}, registry_version={version!r}, "
+            "mlflow_run_id='test-run-0000'))")
     return run_in_bento_home(home, code).strip().splitlines()[-1]
 
 

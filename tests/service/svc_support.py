@@ -27,6 +27,8 @@ SERVER_ENV = {
     "CLASSIFIER_MAX_CONCURRENCY": "16",  # per worker
     "CLASSIFIER_WORKERS": "2",  # the same on any machine (default: one per CPU)
     "CLASSIFIER_PROVIDERS": "auto",
+    # follow the test store's pointer only: never the registry of the checkout the tests run in
+    "CLASSIFIER_REGISTRY_POLL_S": "0",
 }
 
 

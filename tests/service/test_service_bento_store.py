@@ -58,7 +58,7 @@ def test_round_trip(tiny_onnx_model, tmp_path):
     assert (meta["in_channels"], meta["image_size"], meta["mean"], meta["std"]) == (1, 28, [0.1307], [0.3081])
     assert (meta["resize"], meta["arch"], meta["mlflow_run_id"], meta["accuracy"]) == ("bilinear", "tinycnn", "test-run-0000", 0.93)
     assert isinstance(meta["num_params"], int)
-    assert info["registry"] == {"registry_version": "3", "registry_alias": "champion", "mlflow_run_id": "test-run-0000"}
+    assert info["registry"] == {"registry_version": "3", "mlflow_run_id": "test-run-0000"}  # never an alias
     path = Path(out["path"])
     assert path.name == "model.onnx" and str(path).startswith(str(home))
     assert meta["onnx_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() == hashlib.sha256(tiny_onnx_model.read_bytes()).hexdigest()
@@ -71,8 +71,8 @@ def test_round_trip(tiny_onnx_model, tmp_path):
 
 
 def test_the_built_bento_serves_the_stored_model(bento_home, tmp_path):
-    """What the package stage ships: `bentoml build` of bentofile.yaml (offline: lock_packages false)
-    then `bentoml serve <bento tag>` answers with the model the build resolved."""
+    """A plain `bentoml build` of bentofile.yaml (offline: lock_packages false), then `bentoml serve
+    <bento tag>`: pinned to the model the store's champion pointer named at build time."""
     import shutil
     import subprocess
     import sys
@@ -98,5 +98,5 @@ def test_the_built_bento_serves_the_stored_model(bento_home, tmp_path):
     with serve(home, tmp_path / "bento.log", model_tag, target=bento_tag) as srv:
         meta = httpx.get(f"{srv.url}/metadata", timeout=30).json()
         resp = httpx.post(f"{srv.url}/classify", files=[("images", ("a.png", png, "image/png"))], timeout=30)
-    assert meta["model_tag"] == model_tag and meta["registry_alias"] == "champion"
+    assert meta["model_tag"] == model_tag and meta["pinned_by"] == "bento" and meta["registry_alias"] is None
     assert resp.status_code == 200 and len(resp.json()) == 1 and len(resp.json()[0]["top_k"]) == 3

@@ -7,7 +7,8 @@ What BentoML 1.4.39 does, and so what these tests pin down:
   worker logs ``cannot serve model ...`` and exits; circus (``respawn=True`` outside a
   container, see ``bentoml.serving.create_watcher``) restarts it every ``check_delay`` (10 s) for
   ever, so the server process stays up but ``/readyz`` never answers 200;
-- a model missing from the store: ``bentoml serve`` itself fails at import (exit 1, "could not be found");
+- a pinned version missing from the store: ``bentoml serve`` itself fails at import (exit 1, "could
+  not be found"); no store pointer for the followed alias: the worker says so and never becomes ready;
 - ``CLASSIFIER_PROVIDERS=cuda`` without a usable GPU: runs on CPU, says so in the log and in GET
   /metadata; ``cuda-only`` refuses like a broken model;
 - SIGKILLed workers are restarted by circus (within its 10 s check_delay); only
@@ -55,6 +56,10 @@ with bentoml.models.create("no-mean-std", metadata=meta) as m:       # valid ONN
     onnx.save(proto, m.path_of("model.onnx"))
 with bentoml.models.create("no-onnx-file", metadata=meta) as m:      # the store entry lacks model.onnx
     open(m.path_of("README"), "w").write("no model here")
+from pipeline.bento_store import point_alias, store_lock
+for name in ("garbage", "no-mean-std", "no-onnx-file"):                # as if packaged: champion points there
+    with store_lock(name):
+        point_alias(name, "champion", {{"tag": str(bentoml.models.get(name).tag)}})
 print("ok")
 '''
 
@@ -119,7 +124,8 @@ REFUSALS = {
     "missing_contract_keys": ("no-mean-std", {}, ["cannot serve model no-mean-std:",
                                                   "model metadata lacks required key(s) ['mean', 'std']"]),
     "no_model_file": ("no-onnx-file", {}, ["cannot serve model no-onnx-file:", "model.onnx"]),
-    "model_not_in_store": ("image-classifier", {}, ["image-classifier:latest could not be found"]),
+    "model_not_in_store": ("image-classifier", {}, ["no model serving alias 'champion' of 'image-classifier'",
+                                                    "run `python -m pipeline.package`"]),
     "unknown_version": ("no-mean-std", {"CLASSIFIER_MODEL_VERSION": "doesnotexist"},
                         ["no-mean-std:doesnotexist could not be found"]),
 }
@@ -128,7 +134,7 @@ REFUSALS = {
 @pytest.mark.parametrize("case", sorted(REFUSALS))
 def test_broken_or_missing_model_never_becomes_ready(case, broken_home, tmp_path):
     name, env, expected = REFUSALS[case]
-    fails_at_import = case in ("model_not_in_store", "unknown_version")  # before any worker starts
+    fails_at_import = case == "unknown_version"  # before any worker starts
     outcome = assert_refuses(broken_home, tmp_path / "serve.log", {"CLASSIFIER_MODEL_NAME": name, **env}, expected,
                              expect_exit=fails_at_import)
     assert outcome["exit_code"] == (1 if fails_at_import else None), outcome

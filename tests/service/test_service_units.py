@@ -47,7 +47,8 @@ def test_predictions_shape_order_and_k_cap():
 
 def test_config_defaults():
     cfg = ServiceConfig.from_env({})
-    assert cfg.model_tag == "image-classifier:latest"
+    assert (cfg.model_name, cfg.model_version, cfg.model_alias) == ("image-classifier", "", "champion")
+    assert (cfg.registry_poll_s, cfg.shadow_alias, cfg.admin_token) == (10.0, "", "")
     assert (cfg.providers, cfg.top_k, cfg.max_batch_size) == ("auto", 5, 64)
     assert cfg.workers == cfg.cpu_count  # one worker (session + batcher) per CPU
     assert cfg.intra_op_threads == 1
@@ -60,7 +61,7 @@ def test_config_from_env_and_errors():
         "CLASSIFIER_MODEL_NAME": "digits", "CLASSIFIER_MODEL_VERSION": "abc123", "CLASSIFIER_ORT_THREADS": "3",
         "CLASSIFIER_MAX_BATCH_SIZE": "16", "CLASSIFIER_PROVIDERS": "cpu",
     })
-    assert (cfg.model_tag, cfg.intra_op_threads, cfg.max_batch_size, cfg.providers) == ("digits:abc123", 3, 16, "cpu")
+    assert (cfg.model_version, cfg.intra_op_threads, cfg.max_batch_size, cfg.providers) == ("abc123", 3, 16, "cpu")
     assert ServiceConfig.from_env({}).access_log and not ServiceConfig.from_env({"CLASSIFIER_ACCESS_LOG": "0"}).access_log
     assert not ServiceConfig.from_env({}).tracing and ServiceConfig.from_env({"CLASSIFIER_TRACING": "1"}).tracing
     two = ServiceConfig.from_env({"CLASSIFIER_WORKERS": "2"})
@@ -74,6 +75,9 @@ def test_config_from_env_and_errors():
         ({"CLASSIFIER_TOP_K": "five"}, "CLASSIFIER_TOP_K"),
         ({"CLASSIFIER_MODEL_NAME": "a:b"}, "CLASSIFIER_MODEL_NAME"),
         ({"CLASSIFIER_MAX_IMAGES": "0"}, "CLASSIFIER_MAX_IMAGES"),
+        ({"CLASSIFIER_REGISTRY_POLL_S": "-1"}, "CLASSIFIER_REGISTRY_POLL_S"),
+        ({"CLASSIFIER_SHADOW_RATE": "2"}, "CLASSIFIER_SHADOW_RATE"),
+        ({"CLASSIFIER_SHADOW_ALIAS": "champion"}, "CLASSIFIER_SHADOW_ALIAS"),
     ]:
         with pytest.raises(ValueError, match=match):
             ServiceConfig.from_env(env)
