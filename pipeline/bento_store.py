@@ -28,7 +28,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-from service.model_source import pointer_file, read_pointers
+from service.model_source import MODEL_FILE, REGISTRY_KEYS, bentoml_home, pointer_file, read_pointers
 
 from . import atomic
 
@@ -49,10 +49,7 @@ __all__ = [
 ]
 
 DEFAULT_MODEL_NAME = "image-classifier"
-MODEL_FILE = "model.onnx"
 REQUIRED_METADATA = ("classes", "in_channels", "image_size", "mean", "std")
-#: keys the package step sets and the service reports (looked up in labels, then metadata)
-REGISTRY_KEYS = ("registry_version", "mlflow_run_id")
 #: contract keys whose values are JSON (the others, e.g. mlflow_run_id, stay strings)
 JSON_KEYS = frozenset({"classes", "in_channels", "image_size", "mean", "std", "num_params"})
 
@@ -157,14 +154,37 @@ def list_model_tags(name: str = DEFAULT_MODEL_NAME) -> list[str]:
 
 
 def find_stored(name: str, onnx_sha256: str, registry_version: str | None = None) -> str | None:
-    """The newest stored version of ``name`` holding exactly this ONNX file (and registry version)."""
+    """The newest stored version of ``name`` holding exactly this ONNX file (and registry version);
+    the file's bytes are hashed, not just its recorded hash."""
     for tag in list_model_tags(name):
         info = bento_model_info(tag)
         if info["metadata"].get("onnx_sha256") != onnx_sha256:
             continue
-        if registry_version is None or str(info["registry"].get("registry_version")) == str(registry_version):
+        if registry_version is not None and str(info["registry"].get("registry_version")) != str(registry_version):
+            continue
+        if Path(info["path"]).is_file() and sha256_file(Path(info["path"])) == onnx_sha256:
             return tag
     return None
+
+
+def remove_debris(name: str) -> list[str]:
+    """Delete store entries of ``name`` that a killed copy left incomplete (no model.yaml, no
+    model.onnx, or a model.onnx whose SHA-256 is not the recorded one); call under :func:`store_lock`.
+    BentoML removes an entry only when the copy raises, not when its process is killed."""
+    import yaml
+
+    removed = []
+    for folder in sorted(f for f in (bentoml_home() / "models" / name).glob("*") if f.is_dir()):
+        manifest, model = folder / "model.yaml", folder / MODEL_FILE
+        try:
+            recorded = (yaml.safe_load(manifest.read_text()) or {}).get("metadata", {}).get("onnx_sha256")
+            intact = model.is_file() and (recorded is None or sha256_file(model) == recorded)
+        except (OSError, yaml.YAMLError):
+            intact = False
+        if not intact:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(f"{name}:{folder.name}")
+    return removed
 
 
 @contextlib.contextmanager

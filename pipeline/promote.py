@@ -37,7 +37,7 @@ from .download import load_card, load_prepared
 from .export import EXPORTS_DIR, onnx_logits
 from .params import ParamsError, PromoteParams, load_params
 from .paths import PREPARED_DIR, RELEASE_DIR
-from .serving import CHALLENGER, CHAMPION
+from .serving import CHALLENGER, CHAMPION, utc_now as _now
 
 
 class PromotionError(RuntimeError):
@@ -71,10 +71,6 @@ def gate(best: Candidate, champion_version: str | None, champion_metric: float |
                           f"by more than the margin {margin}")
     return CHALLENGER, (f"{best.metric:.5f} does not beat champion v{champion_version}'s {champion_metric:.5f} "
                         f"by more than the margin {margin}")
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def champion_stack(entries: list[dict]) -> list[str]:

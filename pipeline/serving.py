@@ -18,7 +18,6 @@ No torch here: the service runs this module in a subprocess.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import tempfile
 import time
@@ -29,10 +28,17 @@ import numpy as np
 from . import bento_store, tracking
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+#: exit codes of `python -m pipeline.serving`, which the service's follower tells apart: a version
+#: that can never be served is refused; a store that did not answer is asked again at the next poll
+EXIT_UNSERVABLE, EXIT_STORE = 2, 3
 
 
 class ServingError(RuntimeError):
     """The alias' version cannot be put into service; the message says why."""
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def check_servable(onnx_file: Path) -> dict:
@@ -64,7 +70,7 @@ def _store_version(name: str, version: dict) -> str:
         folder = tracking.download_version(name, version["version"], tmp)
         onnx_file = folder / bento_store.MODEL_FILE
         expected = version["tags"].get("onnx_sha256")
-        if expected and hashlib.sha256(onnx_file.read_bytes()).hexdigest() != expected:
+        if expected and bento_store.sha256_file(onnx_file) != expected:
             raise ServingError(f"v{version['version']}'s model.onnx does not match its registered SHA-256 {expected}")
         check_servable(onnx_file)
         labels = {"registry_version": version["version"], "arch": version["tags"].get("arch", ""),
@@ -82,6 +88,10 @@ def sync_alias(name: str, alias: str = CHAMPION) -> dict:
     """Make the store serve the registry's ``alias`` of ``name``; the pointer entry, plus ``reused``."""
     tracking.require_store()
     with bento_store.store_lock(name):
+        removed = bento_store.remove_debris(name)  # entries a killed run left half-copied
+        if removed:
+            print(f"serving: removed {len(removed)} incomplete store entr{'y' if len(removed) == 1 else 'ies'} "
+                  f"left by an interrupted run: {', '.join(removed)}", file=sys.stderr)
         version = _registry_version(name, alias)
         sha = version["tags"].get("onnx_sha256", "")
         tag = bento_store.find_stored(name, sha, version["version"]) if sha else None
@@ -90,10 +100,12 @@ def sync_alias(name: str, alias: str = CHAMPION) -> dict:
             tag = _store_version(name, version)
         entry = {"tag": tag, "registry_version": version["version"], "registered_model": name,
                  "onnx_sha256": sha, "mlflow_run_id": version["run_id"], "arch": version["tags"].get("arch"),
-                 "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                 "since": utc_now()}
         previous = bento_store.read_pointers(name).get(alias, {})
         if previous.get("tag") == tag:
-            entry["since"] = previous.get("since", entry["since"])
+            entry.update(since=previous.get("since", entry["since"]), previous=previous.get("previous"))
+        elif previous.get("tag"):  # a worker that cannot load the new entry at start-up falls back to it
+            entry["previous"] = {k: previous.get(k) for k in ("tag", "registry_version")}
         bento_store.point_alias(name, alias, entry)
     return {**entry, "alias": alias, "reused": reused}
 
@@ -105,13 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         entry = sync_alias(args.model, args.alias)
-    except (ServingError, tracking.TrackingError, TimeoutError) as err:
+    except ServingError as err:
         print(f"serving: error: {args.alias} of {args.model}: {err}", file=sys.stderr)
-        return 2
+        return EXIT_UNSERVABLE
+    except (tracking.TrackingError, TimeoutError) as err:
+        print(f"serving: error: {args.alias} of {args.model}: {err}", file=sys.stderr)
+        return EXIT_STORE
     print(f"serving: {args.alias} v{entry['registry_version']} -> BentoML model {entry['tag']}"
           f"{' (already stored)' if entry['reused'] else ''}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(tracking.run_stage("serving", main))
+    sys.exit(main())

@@ -244,11 +244,22 @@ def get_version(name: str, version: str) -> dict:
     return _version_dict(client().get_model_version(name, str(version)), model_aliases(name))
 
 
+def _is_missing(err: Exception) -> bool:
+    """An MLflow error that means "no such model / alias" rather than "the store failed"."""
+    code = str(getattr(err, "error_code", ""))
+    return "RESOURCE_DOES_NOT_EXIST" in code or ("INVALID_PARAMETER_VALUE" in code and "not found" in str(err))
+
+
 def version_by_alias(name: str, alias: str) -> dict | None:
+    """The version `alias` points to; None when the model or the alias does not exist; TrackingError
+    when the store cannot answer (never mistaken for "no alias": reconcile and serving rely on it)."""
     try:
         return _version_dict(client().get_model_version_by_alias(name, alias), model_aliases(name))
-    except Exception:  # noqa: BLE001  (alias or model missing)
-        return None
+    except Exception as err:  # noqa: BLE001
+        if _is_missing(err):
+            return None
+        raise TrackingError(f"MLflow store {tracking_uri()}: cannot read alias {alias!r} of {name!r}: "
+                            f"{type(err).__name__}: {err}") from err
 
 
 def register_version(name: str, model_uri: str, run_id: str, tags: dict[str, str], model_id: str | None = None) -> str:
@@ -327,8 +338,7 @@ def peek_alias(name: str, alias: str, timeout_s: float = 3.0) -> str | None:
         try:
             with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True,
                                                     timeout=timeout_s)) as con:
-                row = con.execute("SELECT version FROM registered_model_aliases WHERE name = ? AND alias = ?",
-                                  (name, alias)).fetchone()
+                row = con.execute(*_alias_query(con, name, alias)).fetchone()
         except sqlite3.Error as err:
             raise TrackingError(f"MLflow store {uri} cannot be read: {err}") from err
         return str(row[0]) if row else None
@@ -337,18 +347,40 @@ def peek_alias(name: str, alias: str, timeout_s: float = 3.0) -> str | None:
     return (version_by_alias(name, alias) or {}).get("version")  # other stores: through mlflow
 
 
+def _alias_query(con: sqlite3.Connection, name: str, alias: str) -> tuple[str, tuple]:
+    """MLflow's alias table; since MLflow 3.x keyed by workspace too (MLFLOW_WORKSPACE, else "default")."""
+    query, args = "SELECT version FROM registered_model_aliases WHERE name = ? AND alias = ?", (name, alias)
+    columns = {row[1] for row in con.execute("PRAGMA table_info(registered_model_aliases)")}
+    if "workspace" in columns:
+        query, args = query + " AND workspace = ?", (*args, os.environ.get("MLFLOW_WORKSPACE") or "default")
+    return query, args
+
+
+def _auth_headers() -> dict[str, str]:
+    """The credentials MLflow's own client would send (token, else basic auth)."""
+    import base64
+
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return {"Authorization": f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"}
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    return {}
+
+
 def _peek_alias_rest(uri: str, name: str, alias: str, timeout_s: float) -> str | None:
     import urllib.error
     import urllib.parse
     import urllib.request
 
     query = urllib.parse.urlencode({"name": name, "alias": alias})
+    request = urllib.request.Request(f"{uri.rstrip('/')}/api/2.0/mlflow/registered-models/alias?{query}",
+                                     headers=_auth_headers())
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/api/2.0/mlflow/registered-models/alias?{query}",
-                                    timeout=timeout_s) as resp:
+        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
             return str(json.loads(resp.read())["model_version"]["version"])
     except urllib.error.HTTPError as err:
-        if err.code == 404:
+        if err.code == 404 or (err.code == 400 and b"not found" in err.read()):  # model / alias missing
             return None
         raise TrackingError(f"MLflow tracking server {uri} answered {err.code} for alias {alias!r}") from err
     except (urllib.error.URLError, OSError, KeyError, ValueError) as err:
@@ -359,16 +391,15 @@ class RegistryBusy(TrackingError):
     """Another process is changing the registered model's aliases."""
 
 
-LEASE_TAG = "lock"  # team mode: a lease on the registered model (no shared file system to lock)
-LEASE_S = 60.0
+LEASE_S = 300.0  # a lock left by a killed process on a tracking server is taken over after this
 
 
 @contextlib.contextmanager
 def registry_lock(name: str, timeout_s: float = 30.0) -> Iterator[None]:
     """Serialize alias changes of registered model `name` across processes (promote, rollback, the
     gate): a flock beside a SQLite store (released by the kernel when a holder is killed), else a
-    lease tag on the registered model that expires LEASE_S after a holder died. Raises RegistryBusy
-    after `timeout_s`, naming the holder."""
+    lock model on the tracking server (`_acquire_lease`) that expires LEASE_S after a holder died.
+    Raises RegistryBusy after `timeout_s`, naming the holder."""
     db = sqlite_file()
     if db is not None:
         def busy(path: Path) -> RegistryBusy:
@@ -378,33 +409,40 @@ def registry_lock(name: str, timeout_s: float = 30.0) -> Iterator[None]:
         with atomic.file_lock(db.with_name(f"{db.name}.{name}.lock"), timeout_s, busy):
             yield
         return
-    token = _acquire_lease(name, timeout_s)
+    lock = _acquire_lease(name, timeout_s)
     try:
         yield
     finally:
         with contextlib.suppress(Exception):
-            if _lease(name).get("token") == token:
-                client().delete_registered_model_tag(name, LEASE_TAG)
-
-
-def _lease(name: str) -> dict:
-    try:
-        return json.loads(model_tags(name).get(LEASE_TAG, "{}"))
-    except ValueError:
-        return {}
+            client().delete_registered_model(lock)
 
 
 def _acquire_lease(name: str, timeout_s: float) -> str:
-    token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    """A tracking server has no shared file system: the lock is a registered model `<name>.lock`,
+    whose creation the server's database makes atomic (RESOURCE_ALREADY_EXISTS for everyone else);
+    its description names the holder and the expiry, after which a dead holder's lock is taken over."""
+    from mlflow.exceptions import MlflowException
+
+    lock, c = f"{name}.lock", client()
     deadline = time.monotonic() + timeout_s
     while True:
-        held = _lease(name)
-        if not held or held.get("expires", 0) < time.time() or held.get("token") == token:
-            set_model_tag(name, LEASE_TAG, json.dumps({"token": token, "expires": time.time() + LEASE_S}))
-            time.sleep(0.2)  # a rival that wrote at the same moment: the last write wins, read it back
-            if _lease(name).get("token") == token:
-                return token
+        holder = {"by": f"{socket.gethostname()}:{os.getpid()}", "expires": time.time() + LEASE_S}
+        try:
+            c.create_registered_model(lock, description=json.dumps(holder))
+            return lock
+        except MlflowException as err:
+            if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
+                raise TrackingError(f"cannot lock {name!r} on {tracking_uri()}: {err}") from err
+        try:
+            held = json.loads(c.get_registered_model(lock).description or "{}")
+        except (MlflowException, ValueError):
+            held = {}
+        if held.get("expires", 0) < time.time():
+            with contextlib.suppress(MlflowException):  # the holder died: take it over
+                c.delete_registered_model(lock)
+            continue
         if time.monotonic() > deadline:
-            raise RegistryBusy(f"registered model {name!r} is being changed by {held.get('token', '?')} (lease until "
-                               f"{time.strftime('%H:%M:%S', time.localtime(held.get('expires', 0)))}); retry later")
+            raise RegistryBusy(f"registered model {name!r} is being changed by {held.get('by', '?')} (registered model "
+                               f"{lock!r}, held until {time.strftime('%H:%M:%S', time.localtime(held['expires']))}); "
+                               f"retry later")
         time.sleep(0.2 + 0.3 * (uuid.uuid4().int % 100) / 100)

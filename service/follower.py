@@ -12,11 +12,14 @@ Policy:
   differs from the pointer's, ``sync()`` brings it into the store and moves the pointer (a
   subprocess, ``python -m pipeline.serving``); ``sync`` returns False without running when another
   worker is already syncing (the pointer move reaches every worker anyway).
-- A version that cannot be served (sync or load fails: corrupt file, wrong contract, failed parity)
-  is refused: the old model keeps serving, the refusal is logged, kept in :attr:`status` and counted
-  (``on_event("refused")``), and that version is not tried again until the alias moves elsewhere.
-- A registry that cannot be reached never stops serving: :attr:`status` says since when, and the
-  next poll tries again. ``check_now()`` does a poll at once (``POST /admin/reload``).
+- A version that cannot be served (``sync`` raises :class:`Unservable`: corrupt file, wrong
+  contract, failed parity; or ``load`` fails) is refused: the old model keeps serving, the refusal
+  is logged, kept in :attr:`status` and counted (``on_event("refused")``), and that version is not
+  tried again until the alias moves elsewhere or ``check_now(retry_refused=True)``.
+- A registry or store that cannot be reached (``peek`` or ``sync`` raise anything else) never
+  stops serving and refuses nothing: :attr:`status` says since when, and the next poll tries again.
+  ``check_now()`` does a poll at once (``POST /admin/reload``); while a check runs it returns the
+  status marked ``busy`` instead of waiting.
 """
 from __future__ import annotations
 
@@ -26,6 +29,10 @@ import time
 from typing import Any, Callable, Optional
 
 logger = logging.getLogger("bentoml.classifier.follower")
+
+
+class Unservable(Exception):
+    """``sync`` found that the alias' version can never be served (the message says why)."""
 
 
 def _utc(ts: Optional[float]) -> Optional[str]:
@@ -79,8 +86,12 @@ class AliasFollower:
                 await self._poll_registry()
             await self._follow_pointer()
 
-    async def check_now(self) -> dict:
+    async def check_now(self, retry_refused: bool = False) -> dict:
         """Poll the registry and the pointer now; the resulting status."""
+        if self._lock.locked():
+            return {**self.status, "busy": True}
+        if retry_refused:
+            self._refused_keys.clear()
         async with self._lock:
             if self._peek is not None:
                 await self._poll_registry()
@@ -111,8 +122,12 @@ class AliasFollower:
             return
         try:
             await asyncio.to_thread(self._sync)
-        except Exception as err:  # noqa: BLE001
+        except Unservable as err:
             self._refuse(key, {"registry_version": version}, f"cannot be put in the store: {err}")
+        except Exception as err:  # noqa: BLE001  (store or registry down mid-sync: try again next poll)
+            logger.warning("alias %r: could not fetch registry v%s yet (%s); trying again", self.alias, version, err)
+            self.registry.update(ok=False, error=f"sync of v{version}: {str(err)[:300]}",
+                                 unreachable_since=self.registry["unreachable_since"] or now)
 
     # --- store pointer -> served model ------------------------------------------------------------
 
@@ -137,6 +152,10 @@ class AliasFollower:
         logger.info("alias %r: now serving %s (registry v%s) instead of %s; loaded and warmed in %.2f s",
                     self.alias, entry["tag"], entry.get("registry_version"), previous,
                     time.perf_counter() - started)
+
+    def refuse_entry(self, entry: dict, reason: str) -> None:
+        """Record that the pointer's ``entry`` could not be served (a worker that fell back at start-up)."""
+        self._refuse(f"tag:{entry.get('tag')}", entry, reason)
 
     def _refuse(self, key: str, entry: dict, reason: str) -> None:
         self._refused_keys.add(key)

@@ -54,9 +54,10 @@ import bentoml
 from service.batcher import MicroBatcher, Overloaded
 from service.config import ServiceConfig
 from service.engine import OnnxClassifier
-from service.follower import AliasFollower
+from service.follower import AliasFollower, Unservable
 from service.limits import ConnectionRecycleMiddleware, RequestSizeLimitMiddleware
-from service.model_source import NoModelForAlias, Selection, pointer_file, read_pointers, select_model
+from service.model_source import (MODEL_FILE, REGISTRY_KEYS, NoModelForAlias, Selection, pointer_file,
+                                  read_pointers, select_model)
 from service.patches import patch_timeout_middleware
 from service.postprocessing import predictions
 from service.preprocessing import ImageError, PreprocessSpec, image_to_array, normalize
@@ -65,8 +66,6 @@ from service.ui import ServerTimingMiddleware, ui_routes
 
 CONFIG = ServiceConfig.from_env()
 patch_timeout_middleware()  # BentoML's per-request timeout timers otherwise live for the whole timeout
-MODEL_FILE = "model.onnx"  # as written by pipeline/bento_store.py
-REGISTRY_KEYS = ("registry_version", "mlflow_run_id")  # a stored version's facts (labels, else metadata)
 SOURCE_DIR = Path(__file__).resolve().parent.parent  # the project (or the Bento's src/) folder
 try:  # at import: what `bentoml build` pins and what a worker serves unless it runs from a Bento
     SELECTION: Optional[Selection] = select_model(CONFIG.model_name, CONFIG.model_version, CONFIG.model_alias,
@@ -87,7 +86,7 @@ def worker_selection() -> Optional[Selection]:
         return select_model(CONFIG.model_name, "", CONFIG.model_alias, tags[0], {})
     return SELECTION
 #: seconds the registry -> store sync (python -m pipeline.serving: download, check, store) may take
-SYNC_TIMEOUT_S = 300
+SYNC_TIMEOUT_S = 600
 FIELD = "images"
 #: requests whose files total at most this many bytes are decoded on the event loop (a 28x28 PNG
 #: decodes in ~30 us, less than handing it to a thread); larger ones go to a thread pool
@@ -351,44 +350,69 @@ def load_engine(stored: Any, threads: Optional[int] = None) -> tuple[OnnxClassif
 
 # --- following the registry alias ------------------------------------------------------------------
 
+_SYNCS: set[subprocess.Popen] = set()  # running `python -m pipeline.serving` children (stopped at shutdown)
+
+
 def _sync_command(alias: str) -> Any:
     """``sync`` for the follower: ``python -m pipeline.serving`` in a subprocess (mlflow stays out of
     the worker), run by one worker at a time: the others find the sync lock taken and return False
-    (the pointer move reaches them anyway)."""
+    (the pointer move reaches them anyway). Its exit code tells a version that can never be served
+    (refused) from a store that did not answer (asked again)."""
+    from pipeline import atomic, serving
+
     def sync() -> bool:
-        lock_path = pointer_file(CONFIG.model_name).with_suffix(f".{alias}.sync")
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with lock_path.open("a+") as handle:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False
-            out = subprocess.run([sys.executable, "-m", "pipeline.serving", "--model", CONFIG.model_name,
-                                  "--alias", alias], cwd=SOURCE_DIR, capture_output=True, text=True,
-                                 timeout=SYNC_TIMEOUT_S)
+        lock = pointer_file(CONFIG.model_name).with_suffix(f".{alias}.sync")
+        try:
+            with atomic.file_lock(lock, timeout_s=0):
+                out = _run_sync(alias)
+        except TimeoutError:
+            return False  # another worker is syncing this alias
+        message = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
+        if out.returncode == serving.EXIT_UNSERVABLE:
+            raise Unservable(message)
         if out.returncode != 0:
-            raise RuntimeError((out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1])
+            raise RuntimeError(message)
         logger.info("%s", out.stdout.strip())
         return True
 
     return sync
 
 
-def make_follower(alias: str, serving: Optional[dict], swap: Any, threads: Optional[int] = None) -> AliasFollower:
-    """A follower of ``alias`` in this worker: the store's pointer always, the registry every
-    CLASSIFIER_REGISTRY_POLL_S seconds (through pipeline.tracking's mlflow-free look-up)."""
+def _run_sync(alias: str) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.serving", "--model", CONFIG.model_name, "--alias", alias],
+                            cwd=SOURCE_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _SYNCS.add(proc)
+    try:
+        stdout, stderr = proc.communicate(timeout=SYNC_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        stderr += f"\npython -m pipeline.serving took more than {SYNC_TIMEOUT_S} s"
+    finally:
+        _SYNCS.discard(proc)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def make_follower(alias: str, serving: Optional[dict], swap: Any, load: Any, registry: bool = True) -> AliasFollower:
+    """A follower of ``alias`` in this worker: the store's pointer always; the registry every
+    CLASSIFIER_REGISTRY_POLL_S seconds (through pipeline.tracking's mlflow-free look-up) when
+    ``registry`` and the source tree's ``pipeline`` package is there (a built Bento has none)."""
     peek = sync = None
-    if CONFIG.registry_poll_s > 0:
-        from pipeline import tracking  # the source tree's; a built Bento is pinned and never gets here
+    if registry and CONFIG.registry_poll_s > 0:
+        try:
+            from pipeline import tracking
+        except ImportError:
+            logger.warning("alias %r: no `pipeline` package beside the service: following the store's pointer only",
+                           alias)
+        else:
+            def peek() -> Optional[str]:
+                return tracking.peek_alias(CONFIG.model_name, alias)
 
-        def peek() -> Optional[str]:
-            return tracking.peek_alias(CONFIG.model_name, alias)
-
-        sync = _sync_command(alias)
+            sync = _sync_command(alias)
     return AliasFollower(
-        alias, serving, read_pointer=lambda: read_pointers(CONFIG.model_name).get(alias),
-        load=lambda tag: load_engine(bentoml.models.get(tag), threads), swap=swap, peek=peek, sync=sync,
-        registry_poll_s=CONFIG.registry_poll_s, on_event=lambda event: MODEL_EVENTS.labels(alias=alias, event=event).inc())
+        alias, serving, read_pointer=lambda: read_pointers(CONFIG.model_name).get(alias), load=load, swap=swap,
+        peek=peek, sync=sync, registry_poll_s=CONFIG.registry_poll_s,
+        on_event=lambda event: MODEL_EVENTS.labels(alias=alias, event=event).inc())
 
 
 class Slot:
@@ -428,7 +452,7 @@ async def _admin_reload(request: Request) -> JSONResponse:
     if svc.follower is None:
         return error_response(409, f"this service is pinned ({svc.selection.pinned_by}: {svc.selection.tag}); it follows "
                               "no alias", "pinned")
-    return JSONResponse(await svc.follower.check_now())
+    return JSONResponse(await svc.follower.check_now(retry_refused=True))
 
 
 _metadata_app = Starlette(routes=[Route("/metadata", _get_metadata, methods=["GET"]),
@@ -458,24 +482,64 @@ class Classifier:
         if selection is None:
             logger.error("cannot start: %s", NO_MODEL)
             raise NoModelForAlias(NO_MODEL)
-        self._start(*load_engine(bentoml.models.get(selection.tag)))
-        entry = {**read_pointers(CONFIG.model_name).get(selection.alias or "", {}), "tag": selection.tag,
-                 "registry_version": self._slot.description.get("registry_version")}
-        self.follower = make_follower(selection.alias, entry, self._swap) if selection.follows else None
+        entry, refused = self._load_first(selection)
+        if selection.follows:
+            self.follower = make_follower(selection.alias, entry, self._swap, self._load)
+            if refused:
+                self.follower.refuse_entry(*refused)
         if CONFIG.shadow_alias:
             self.shadow = Shadow(CONFIG.shadow_rate, _record_shadow)
-            self.shadow_follower = make_follower(CONFIG.shadow_alias, None, self._swap_shadow, threads=1)
+            self.shadow_follower = make_follower(CONFIG.shadow_alias, None, self._swap_shadow, self._load_shadow,
+                                                 registry=selection.pinned_by != "bento")
         # Everything loaded so far (BentoML, ONNX Runtime, pydantic schemas: ~10^6 objects) lives as
         # long as the worker: keep it out of the cyclic GC, whose full collections otherwise stall
         # the event loop for ~0.1 s every few seconds under load (p99 latency).
         gc.collect()
         gc.freeze()
 
+    def _load_first(self, selection: Selection) -> tuple[dict, Optional[tuple[dict, str]]]:
+        """Serve the selected model; a followed alias whose new entry cannot be loaded falls back to
+        the entry it replaced (kept in the pointer), so a restarted worker does not crash-loop.
+        Returns the pointer entry served and, after a fallback, (refused entry, reason)."""
+        pointer = read_pointers(CONFIG.model_name).get(selection.alias or "") or {}
+        try:
+            self._start(*self._load(selection.tag))
+            return {**pointer, "tag": selection.tag, "registry_version": self._slot.description.get("registry_version")}, None
+        except Exception as err:
+            previous = pointer.get("previous") if selection.follows else None
+            if not previous:
+                raise
+            logger.error("alias %r: cannot serve %s (%s: %s); falling back to the entry it replaced, %s",
+                         selection.alias, selection.tag, type(err).__name__, err, previous["tag"])
+            self._start(*self._load(previous["tag"]))
+            return dict(previous), (pointer, f"cannot be loaded: {type(err).__name__}: {err}")
+
+    def _load(self, tag: str, threads: Optional[int] = None) -> tuple[Any, dict]:
+        return load_engine(bentoml.models.get(tag), threads)
+
+    def _load_shadow(self, tag: str) -> tuple[Any, dict]:
+        """The challenger, on one thread; refused unless it takes the champion's inputs and classes
+        (it is fed the champion's preprocessed batch and compared by class index)."""
+        engine, description = self._load(tag, threads=1)
+        mine, theirs = self._slot.spec, engine.spec
+        if (theirs.input_shape, theirs.mean, theirs.std, theirs.classes) != (mine.input_shape, mine.mean, mine.std, mine.classes):
+            raise ValueError(f"the shadow model's preprocessing or classes differ from the champion's "
+                             f"({theirs.input_shape}, mean {theirs.mean}, {len(theirs.classes)} classes vs "
+                             f"{mine.input_shape}, mean {mine.mean}, {len(mine.classes)} classes)")
+        return engine, description
+
     @bentoml.on_startup
     async def _follow(self) -> None:
         for follower in (self.follower, self.shadow_follower):
             if follower is not None:
                 self._tasks.append(asyncio.get_running_loop().create_task(follower.run(), name=f"follow-{follower.alias}"))
+
+    @bentoml.on_shutdown
+    async def _stop_following(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for proc in list(_SYNCS):  # a sync in flight: its store lock is released with it
+            proc.terminate()
 
     def _start(self, engine: Any, description: dict, max_latency_ms: Optional[float] = None) -> None:
         """Serve ``engine`` (``spec``: its ``PreprocessSpec``; ``logits(float32 [N, C, H, W]) -> [N, classes]``)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from pipeline.promote import champion_stack, settle_pending
-from service.follower import AliasFollower
+from service.follower import AliasFollower, Unservable
 from service.model_source import NoModelForAlias, select_model
 from service.shadow import Shadow
 
@@ -58,7 +58,9 @@ class World:
     def sync(self):
         self.syncs += 1
         if self.registry in self.broken:
-            raise RuntimeError(f"v{self.registry} cannot be served")
+            raise Unservable(f"v{self.registry} cannot be served")
+        if self.registry_down:
+            raise ConnectionError("tracking server went down mid-sync")
         self.pointer = {"tag": f"m:v{self.registry}", "registry_version": self.registry}
         return True
 
@@ -70,7 +72,7 @@ class World:
     def follower(self) -> AliasFollower:
         events = self.events = []
         return AliasFollower("champion", dict(self.pointer), read_pointer=lambda: self.pointer, load=self.load,
-                             swap=lambda model, entry: self.served.append(model[1]), peek=self.peek, sync=self.sync,
+                             swap=lambda model, entry: self.served.append(model[1]), peek=lambda: self.peek(), sync=self.sync,
                              registry_poll_s=0.001, on_event=events.append)
 
 
@@ -104,6 +106,31 @@ def test_follower_refuses_a_broken_version_once_and_keeps_serving():
     world.registry = "2"
     run(follower.check_now())
     assert world.served == ["m:v2"] and follower.status["refused"] is None
+
+
+def test_a_store_failure_during_sync_is_retried_not_refused():
+    world = World()
+    follower = world.follower()
+    world.registry = "2"
+    real_peek, world.peek = world.peek, lambda: "2"  # the look-up works, then the store fails mid-sync
+    world.registry_down = True
+    run(follower.check_now())
+    assert follower.status["refused"] is None and follower.status["last_registry_check"]["ok"] is False
+    world.registry_down, world.peek = False, real_peek
+    run(follower.check_now())
+    assert world.served == ["m:v2"]
+
+
+def test_reload_retries_a_refused_version():
+    world = World()
+    follower = world.follower()
+    world.registry, world.broken = "3", {"3"}
+    run(follower.check_now())
+    world.broken = set()  # e.g. the store entry was repaired
+    run(follower.check_now())
+    assert world.served == []  # remembered
+    run(follower.check_now(retry_refused=True))
+    assert world.served == ["m:v3"]
 
 
 def test_follower_keeps_serving_while_the_registry_is_down():

@@ -197,7 +197,12 @@ def test_service_follows_promotion_and_rollback_under_load_and_refuses_a_broken_
         broken = register_broken_version(lc, monkeypatch, tmp_path)
         lc.stage("pipeline.promote", "set", broken)
         deadline = time.monotonic() + 60
-        while (metadata(srv.url)["serving"].get("refused") or {}).get("registry_version") != broken:
+
+        def refused_by_every_worker() -> bool:  # /metadata answers from either worker
+            return all((metadata(srv.url)["serving"].get("refused") or {}).get("registry_version") == broken
+                       for _ in range(6))
+
+        while not refused_by_every_worker():
             assert time.monotonic() < deadline, metadata(srv.url)
             time.sleep(0.5)
         time.sleep(2 * poll)
@@ -306,3 +311,35 @@ def test_kill_9_during_package_keeps_the_previous_pointer(lc):
     stored = json.loads(subprocess.run([sys.executable, "-c", code], cwd=lc.project.path, env=lc.env(),
                                        capture_output=True, text=True, timeout=120, check=True).stdout)
     assert sorted(stored) == ["1", "2"], stored  # nothing half-written, v2 stored once
+
+
+# --- 5. team mode: the alias on a tracking server backed by PostgreSQL -------------------------------------
+
+from tests.test_team_mode import mlflow_server, postgres  # noqa: E402,F401  (module fixtures: a PG cluster + server)
+
+
+def test_team_mode_service_follows_the_alias_on_the_tracking_server(mlflow_server, prepared_mnist, tmp_path):
+    from tests.conftest import mirror_path
+
+    project = Project(tmp_path / "team", mirror_path())
+    project.path.mkdir()
+    project.write_params({"cnn": {"epochs": 1}, "mlp": {"epochs": 1, "lr": 0.0002}})
+    project.copy_prepared(prepared_mnist)
+    lc = Lifecycle(project, tmp_path / "bentoml")
+    env = lc.env(MLFLOW_TRACKING_URI=mlflow_server)
+    for arch in ("cnn", "mlp"):
+        for module in ("pipeline.train", "pipeline.evaluate", "pipeline.export"):
+            project.run(module, "--arch", arch, env=env)
+    assert "champion is v1 (cnn)" in project.run("pipeline.promote", env=env).stdout
+    project.run("pipeline.package", "--no-build", env=env)
+    assert not (project.path / "mlflow.db").exists()
+    with serve(lc.home, tmp_path / "serve.log", "", env={"MLFLOW_TRACKING_URI": mlflow_server,
+                                                        "CLASSIFIER_REGISTRY_POLL_S": "1"}) as srv, Load(srv.url) as load:
+        load.wait_for_version("1", time.monotonic() - 1, 10)
+        started = time.monotonic()
+        project.run("pipeline.promote", "set", "2", env=env)
+        load.wait_for_version("2", started, 60)
+        meta = metadata(srv.url)
+    assert load.failures() == [], load.failures()[:5]
+    check = meta["serving"]["last_registry_check"]
+    assert check["ok"] is True and check["version"] == "2" and meta["arch"] == "mlp"
