@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{result[f'test_top{params.evaluate.top_k}_acc']:.4f}  macro_f1 {result['macro_f1']:.4f}  "
           f"ece {result['ece']:.4f}  latency {result['latency_ms_batch1']:.3f} ms (batch 1), "
           f"{result['latency_ms_batch256']:.2f} ms (batch 256) on {result['test_count']} test images")
-    run = tracking.open_run(meta["mlflow_run_id"])
+    run = tracking.open_run(meta["mlflow_run_id"], experiment=params.train.experiment, run_name=args.arch,
+                            stage="evaluate", model_file=arch_dir(args.arch) / "model.pt")
     run.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float)) and not k.startswith("_")})
     run.set_tags({"test_set_sha256": card["splits"]["test"]["sha256"]})
     run.log_artifacts(files, "eval")

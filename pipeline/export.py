@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ParamsError, FileNotFoundError) as err:
         print(f"export: error: {err}", file=sys.stderr)
         return 2
+    run = tracking.open_run(meta["mlflow_run_id"], experiment=params.train.experiment, run_name=args.arch,
+                            stage="export", model_file=arch_dir(args.arch) / "model.pt")
+    meta = {**meta, "mlflow_run_id": run.run_id}  # the ONNX metadata names a run that is in this store
     proto = export_onnx(model, meta, params.export.opset)
     model_bytes = proto.SerializeToString()
     test = load_prepared("test", PREPARED_DIR)
@@ -120,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{report['max_abs_logit_diff']:.2e} (limit {params.export.parity_atol:.0e}), top-1 agreement "
           f"{report['top1_agreement']:.4%}, ONNX test_acc {report['onnx_test_acc']:.4f} "
           f"(evaluate: {eval_metrics['test_acc']:.4f}) -> {'PASS' if report['passed'] else 'FAIL'}")
-    run = tracking.open_run(meta["mlflow_run_id"])
     run.log_metrics({f"parity_{k}": v for k, v in report.items() if isinstance(v, (int, float))})
     run.set_tags({"parity_passed": str(report["passed"]).lower()})
     if not report["passed"]:

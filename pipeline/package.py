@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import atomic, tracking
 from .params import ParamsError, load_params
-from .paths import RELEASE_DIR, REPO_ROOT
+from .paths import RELEASE_DIR, REPO_ROOT, experiments_may_promote, isolated_experiment
 from .serving import CHAMPION, ServingError, sync_alias
 
 
@@ -43,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alias", default=CHAMPION, help="registry alias to package (default champion)")
     parser.add_argument("--no-build", action="store_true", help="store the model but build no Bento")
     args = parser.parse_args(argv)
+    experiment = None if experiments_may_promote() else isolated_experiment()
+    if experiment:
+        atomic.write_json(RELEASE_DIR / "bento.json", {"skipped": f"experiment {experiment!r}", "bento_tag": None})
+        print(f"package: inside experiment {experiment!r} (dvc exp run --temp/--queue): the serving store is left "
+              f"alone; `dvc exp apply` it and `dvc repro` in the workspace, or set PROMOTE_IN_EXPERIMENTS=1")
+        return 0
     try:
         name = load_params(args.params).promote.registered_model
         result = sync_alias(name, args.alias)

@@ -36,7 +36,7 @@ from . import atomic, tracking
 from .download import load_card, load_prepared
 from .export import EXPORTS_DIR, onnx_logits
 from .params import ParamsError, PromoteParams, load_params
-from .paths import PREPARED_DIR, RELEASE_DIR
+from .paths import PREPARED_DIR, RELEASE_DIR, experiments_may_promote, isolated_experiment
 from .serving import CHALLENGER, CHAMPION, utc_now as _now
 
 
@@ -174,7 +174,7 @@ def rollback(name: str) -> dict:
                                    f"rollback from v{current['version'] if current else '?'}", "rollback")
 
 
-def register_export(name: str, export_json: Path) -> tuple[str, dict]:
+def register_export(name: str, export_json: Path, experiment: str) -> tuple[str, dict]:
     """Log and register one export (idempotent: an ONNX file already registered is not added twice)."""
     report = json.loads(export_json.read_text())
     if not report.get("passed"):
@@ -185,13 +185,17 @@ def register_export(name: str, export_json: Path) -> tuple[str, dict]:
     meta = report["metadata"]
     size, channels = int(meta["image_size"]), int(meta["in_channels"])
     example = np.zeros((1, channels, size, size), dtype=np.float32)
-    uri, model_id = tracking.log_onnx_model(meta["mlflow_run_id"], export_json.parent / "model.onnx", example, meta)
+    run_id = meta["mlflow_run_id"]
+    if not tracking.run_exists(run_id):  # the export came from DVC's cache, made against another store
+        run_id = tracking.open_run(run_id, experiment=experiment, run_name=report["arch"], stage="promote",
+                                   model_file=export_json.parent / "model.onnx").run_id
     evaluation = report["evaluation"]
     tags = {"arch": report["arch"], "dataset": meta["dataset"], "onnx_sha256": report["onnx_sha256"],
             "test_set_sha256": report["test_set_sha256"], "parity_passed": "true",
             "parity_max_abs_logit_diff": report["max_abs_logit_diff"], "onnx_test_acc": report["onnx_test_acc"],
-            **{f"metric.{k}": v for k, v in evaluation.items()}}
-    version = tracking.register_version(name, uri, meta["mlflow_run_id"], tags, model_id)
+            **{f"metric.{k}": v for k, v in evaluation.items()}, **tracking.context_tags()}
+    uri, model_id = tracking.log_onnx_model(run_id, export_json.parent / "model.onnx", example, meta)
+    version = tracking.register_version(name, uri, run_id, tags, model_id)
     return version, report
 
 
@@ -218,13 +222,16 @@ def champion_metric_on(name: str, champion: dict, metric: str, test_sha: str) ->
     return float((logits.argmax(1) == test.labels).mean())
 
 
-def auto_promote(p: PromoteParams, archs: list[str]) -> dict:
-    """The DVC stage: register every export, pick the best, run the champion/challenger gate."""
+def auto_promote(p: PromoteParams, archs: list[str], experiment: str = "image-classifier") -> dict:
+    """The DVC stage: register every export, pick the best, run the champion/challenger gate. Inside
+    a --temp/--queue experiment the candidates are registered and the decision recorded, but no
+    alias moves (PROMOTE_IN_EXPERIMENTS=1 lets them): experiments never change what is served."""
     name = p.registered_model
+    isolated = isolated_experiment() if not experiments_may_promote() else None
     test_sha = load_card(PREPARED_DIR)["splits"]["test"]["sha256"]
     candidates, reports = [], {}
     for arch in archs:
-        version, report = register_export(name, EXPORTS_DIR / arch / "export.json")
+        version, report = register_export(name, EXPORTS_DIR / arch / "export.json", experiment)
         evaluation = report["evaluation"]
         for key in (p.metric, p.tie_break):
             if key not in evaluation:
@@ -239,9 +246,11 @@ def auto_promote(p: PromoteParams, archs: list[str]) -> dict:
         champion = tracking.version_by_alias(name, CHAMPION)
         champ_metric = champion_metric_on(name, champion, p.metric, test_sha) if champion else None
         alias, reason = gate(best, champion["version"] if champion else None, champ_metric, p.margin)
+        if isolated:
+            reason = f"{reason} (experiment {isolated!r}: aliases left alone; PROMOTE_IN_EXPERIMENTS=1 to move them)"
         tracking.set_version_tags(name, best.version, {"decision": alias, "decision.reason": reason,
                                                        "decision.time": _now()})
-        if not (champion and champion["version"] == best.version):
+        if not isolated and not (champion and champion["version"] == best.version):
             record_alias_change(name, alias, best.version, reason, "gate")
         final_champion = tracking.version_by_alias(name, CHAMPION)
     return {"registered_model": name, "metric": p.metric, "margin": p.margin, "candidates": reports,
@@ -288,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         name = params.promote.registered_model
         if args.command in (None, "auto"):
-            result = auto_promote(params.promote, list(params.models))
+            result = auto_promote(params.promote, list(params.models), params.train.experiment)
             atomic.write_json(RELEASE_DIR / "promotion.json", result)
             print(f"promote: {name}: best {result['best']['arch']} v{result['best']['version']} "
                   f"({params.promote.metric} {result['best'][params.promote.metric]:.5f}) -> {result['decision']}: "

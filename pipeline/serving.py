@@ -76,7 +76,6 @@ def _store_version(name: str, version: dict) -> str:
         labels = {"registry_version": version["version"], "arch": version["tags"].get("arch", ""),
                   "dataset": version["tags"].get("dataset", ""), "mlflow_run_id": version["run_id"]}
         metadata = {"registry_version": version["version"], "registered_model": name,
-                    "mlflow_run_id": version["run_id"],
                     **{k: v for k, v in version["tags"].items() if k.startswith("metric.")}}
         try:
             return bento_store.save_to_bento_store(onnx_file, name=name, labels=labels, metadata=metadata)

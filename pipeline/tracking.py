@@ -1,8 +1,11 @@
 """MLflow tracking: the only module of the project that imports mlflow.
 
-Store: `MLFLOW_TRACKING_URI` when set, else an embedded SQLite store at the repository root
-(`mlflow.db`, artifacts in `mlartifacts/`), resolved to absolute paths so that stages run from
-`dvc exp run --temp/--queue` copies log to the same store.
+Store: `MLFLOW_TRACKING_URI` when set, else an embedded SQLite store at the workspace root
+(`mlflow.db`, artifacts in `mlartifacts/`; `paths.workspace_root`: DVC's DVC_ROOT, else git's
+common dir), so that stages run from `dvc exp run --temp/--queue` copies log to the same store. The
+SQLite file is switched to WAL mode, so that concurrent queued experiments and a serving process
+reading aliases do not block each other. Every run is tagged with the DVC experiment name, the
+stage, the git commit and the params hash.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from . import atomic
-from .paths import REPO_ROOT
+from .paths import REPO_ROOT, workspace_root
 
 
 class TrackingError(RuntimeError):
@@ -36,7 +39,7 @@ def run_stage(stage: str, main: Callable[[list[str] | None], int], argv: list[st
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workspace_root() / 'mlflow.db'}"
 
 
 def default_artifact_root() -> str | None:
@@ -58,13 +61,31 @@ def client():
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keeps stage logs readable
     uri = tracking_uri()
+    _use_wal(sqlite_file(uri))
     mlflow.set_tracking_uri(uri)
     return MlflowClient(tracking_uri=uri)
 
 
+_WAL_DONE: set[Path] = set()
+
+
+def _use_wal(db: Path | None) -> None:
+    """WAL journal (persistent, once per file): writers of parallel queued experiments wait for each
+    other instead of failing with "database is locked", and readers never wait for writers."""
+    if db is None or db in _WAL_DONE:
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    if not db.exists():  # a deleted store's journal would be replayed into the new, empty file: disk I/O error
+        for leftover in (db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+            leftover.unlink(missing_ok=True)
+    with contextlib.suppress(sqlite3.Error), contextlib.closing(sqlite3.connect(db, timeout=30)) as con:
+        con.execute("PRAGMA journal_mode=WAL")
+        _WAL_DONE.add(db)
+
+
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path.cwd(), capture_output=True, text=True, timeout=10)
         return out.stdout.strip() if out.returncode == 0 else ""
     except OSError:
         return ""
@@ -172,14 +193,60 @@ def start_run(experiment: str, run_name: str, tags: dict[str, Any] | None = None
             return Run(resume_run_id)
         except Exception:  # noqa: BLE001  (deleted or from another store: start afresh)
             pass
-    base_tags = {"mlflow.source.git.commit": git_commit(), "mlflow.runName": run_name}
+    base_tags = {"mlflow.runName": run_name, **context_tags()}
     run = c.create_run(eid, tags={**base_tags, **(tags or {})}, run_name=run_name)
     return Run(run.info.run_id)
 
 
-def open_run(run_id: str) -> Run:
-    """A finished run that a later stage (evaluate, export) adds to."""
-    return Run(run_id)
+def context_tags() -> dict[str, str]:
+    """Where a run comes from: git commit, DVC experiment (DVC_EXP_NAME; 'workspace' for a plain
+    `dvc repro`), params hash: the way from a `dvc exp show` row to its MLflow runs and back."""
+    import hashlib
+
+    params = Path("params.yaml")
+    tags = {"mlflow.source.git.commit": git_commit(), "dvc.exp_name": os.environ.get("DVC_EXP_NAME") or "workspace"}
+    if params.is_file():
+        tags["params_sha256"] = hashlib.sha256(params.read_bytes()).hexdigest()[:16]
+    if os.environ.get("DVC_STAGE"):
+        tags["dvc.stage"] = os.environ["DVC_STAGE"]
+    return tags
+
+
+def open_run(run_id: str, *, experiment: str, run_name: str, stage: str, model_file: Path | None = None) -> Run:
+    """The run a later stage (evaluate, export, promote) adds to: the training run named by the
+    outputs. When that run is not in this store (outputs restored by DVC from its cache or a remote,
+    made in another store), the stage logs into a new run recording where the outputs came from
+    (tags restored_from.*; reused by the later stages of the same outputs) and says so in one line."""
+    c = client()
+    try:
+        c.get_run(run_id)
+        return Run(run_id)
+    except Exception as err:  # noqa: BLE001
+        if run_id and not _is_missing(err):
+            raise TrackingError(f"MLflow store {tracking_uri()} cannot read run {run_id}: {err}") from err
+    sha = _file_sha256(model_file) if model_file is not None and model_file.is_file() else ""
+    eid = experiment_id(experiment)
+    query = f"tags.`restored_from.run_id` = '{run_id}' and tags.`restored_from.model_sha256` = '{sha}'"
+    found = c.search_runs([eid], filter_string=query, max_results=1)
+    if found:
+        new = found[0].info.run_id
+    else:
+        new = start_run(experiment, run_name, tags={"stage": stage, "restored_from.run_id": run_id or "?",
+                                                    "restored_from.model_sha256": sha,
+                                                    "restored_from.dvc_stage": os.environ.get("DVC_STAGE", "")}).run_id
+    print(f"{stage}: outputs restored from a cache name MLflow run {run_id or '?'}, which is not in {tracking_uri()}: "
+          f"logging to new run {new} (tags restored_from.*)", file=sys.stderr)
+    return Run(new)
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def log_dataset_card(experiment: str, card: dict) -> str:
@@ -217,6 +284,16 @@ def log_onnx_model(run_id: str, onnx_path: str | Path, input_example, metadata: 
                                      signature=infer_signature(input_example, np.asarray(output)),
                                      input_example=input_example, metadata=metadata, save_as_external_data=False)
     return info.model_uri, info.model_id
+
+
+def run_exists(run_id: str) -> bool:
+    try:
+        client().get_run(run_id)
+        return True
+    except Exception as err:  # noqa: BLE001
+        if _is_missing(err):
+            return False
+        raise TrackingError(f"MLflow store {tracking_uri()} cannot read run {run_id}: {err}") from err
 
 
 def _version_dict(v, aliases: dict[str, str]) -> dict:

@@ -169,9 +169,12 @@ def make_optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
 def make_scheduler(opt: torch.optim.Optimizer, p: TrainParams, steps_per_epoch: int):
     total = p.epochs * steps_per_epoch
     warmup = int(total * p.warmup_fraction)
-    if p.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=total,
-                                                   pct_start=max(p.warmup_fraction, 1e-3), cycle_momentum=False)
+    if p.schedule == "onecycle" and total >= 4:
+        # OneCycleLR divides by each phase's length in steps: keep both >= 2 steps (a tiny quick run
+        # of 5 steps at warm-up 0.2 raised ZeroDivisionError)
+        pct = min(max(p.warmup_fraction, 2 / total), 1 - 2 / total)
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=total, pct_start=pct,
+                                                   cycle_momentum=False)
 
     def factor(step: int) -> float:  # linear warm-up, then cosine to zero (or constant)
         if step < warmup:

@@ -307,3 +307,21 @@ def test_batch_maker_normalizes_and_uses_channels_last():
     aug = BatchMaker([0.5], [0.25], torch.device("cpu"), channels_last=False)(
         raw, AugmentParams(hflip=True), torch.Generator().manual_seed(0))
     assert aug.shape == raw.shape and aug.is_contiguous()
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 6, 50])
+def test_schedules_survive_runs_of_a_few_steps(steps):
+    """A quick run (a tiny `data.limit`, one epoch) has only a few optimizer steps: OneCycleLR raised
+    ZeroDivisionError at 5 steps with the default 0.2 warm-up."""
+    import torch
+
+    from pipeline.params import TrainParams
+    from pipeline.train import make_scheduler
+
+    for schedule in ("onecycle", "cosine", "constant"):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        sched = make_scheduler(opt, TrainParams(epochs=1, schedule=schedule), steps)
+        for _ in range(steps):
+            opt.step()
+            sched.step()
+        assert all(g["lr"] >= 0 for g in opt.param_groups)

@@ -1,0 +1,144 @@
+"""DVC experiments for real: a git + DVC repo made by the test, `dvc repro`, `dvc exp run` in the
+workspace, `--temp`, two `--queue`d runs with `dvc queue start -j 2`, `dvc exp apply` + `dvc repro`,
+and run-cache restores into a store that lost their runs.
+
+The repo holds a copy of the project's code, dvc.yaml and a tiny params.yaml (one `mlp`, 400 MNIST
+images per split); nothing sets MLFLOW_TRACKING_URI, so the stages find the embedded store
+themselves: every run, from every execution mode, must land in the repo's own mlflow.db.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO_ROOT, mirror_path, repo_params
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+CODE = ("pipeline", "models", "service", "dvc.yaml", "bentofile.yaml", "pyproject.toml", ".dvcignore")
+
+
+class Repo:
+    def __init__(self, path: Path, home: Path) -> None:
+        self.path, self.home = path, home
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+        env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", DATA_MIRROR=str(mirror_path()),
+                   BENTOML_HOME=str(self.home), BENTOML_DO_NOT_TRACK="true", PYTHONUNBUFFERED="1",
+                   MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
+                   GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+        env.pop("PYTHONPATH", None)  # the stages import the repo's own copy, as in a user's checkout
+        return env
+
+    def run(self, *cmd: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
+        out = subprocess.run(list(cmd), cwd=self.path, env=self.env(), capture_output=True, text=True, timeout=timeout)
+        text = out.stdout + out.stderr
+        if check:
+            assert out.returncode == 0, f"{' '.join(cmd)} exited {out.returncode}:\n{text[-6000:]}"
+            assert "Traceback" not in text, f"{' '.join(cmd)} printed a traceback:\n{text[-6000:]}"
+        return out
+
+    def dvc(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
+        return self.run(str(Path(sys.executable).with_name("dvc")), *args, **kwargs)
+
+    def git(self, *args: str) -> str:
+        return self.run("git", *args).stdout
+
+    def query(self, sql: str, *args) -> list[tuple]:
+        with sqlite3.connect(self.path / "mlflow.db") as con:
+            return con.execute(sql, args).fetchall()
+
+    def champion(self) -> str | None:
+        rows = self.query("SELECT version FROM registered_model_aliases WHERE alias = 'champion'")
+        return str(rows[0][0]) if rows else None
+
+    def runs_by_experiment_tag(self) -> dict[str, int]:
+        rows = self.query("SELECT value, COUNT(*) FROM tags WHERE key = 'dvc.exp_name' GROUP BY value")
+        return dict(rows)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Repo:
+    path = tmp_path_factory.mktemp("exp-repo")
+    for name in CODE:
+        src = REPO_ROOT / name
+        (shutil.copytree(src, path / name, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir()
+         else shutil.copy2(src, path / name))
+    params = repo_params()
+    params["data"].update(dataset="mnist", limit=400)
+    params["train"].update(experiment="exp-tests", batch_size=64, device="cpu")
+    params["models"] = {"mlp": {"epochs": 1, "lr": 0.01}}
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (path / ".gitignore").write_text((REPO_ROOT / ".gitignore").read_text())
+    repo = Repo(path, tmp_path_factory.mktemp("exp-bentoml"))
+    repo.git("init", "-q")
+    repo.dvc("init", "-q")
+    repo.git("add", "-A")
+    repo.git("commit", "-qm", "project")
+    repo.dvc("repro")
+    repo.git("add", "-A")
+    repo.git("commit", "-qm", "baseline")
+    return repo
+
+
+def test_experiments_in_every_mode_share_one_store_and_only_the_workspace_promotes(repo):
+    baseline_champion = repo.champion()
+    assert baseline_champion == "1"
+
+    repo.dvc("exp", "run", "--temp", "-n", "temp-lr", "-S", "models.mlp.lr=0.02")
+    assert repo.champion() == baseline_champion, "a --temp experiment moved the champion"
+    assert not list((repo.path / ".dvc" / "tmp" / "exps").rglob("mlflow.db")), "a throwaway store was written"
+
+    repo.dvc("exp", "run", "--queue", "-n", "queued-a", "-S", "models.mlp.lr=0.03")
+    repo.dvc("exp", "run", "--queue", "-n", "queued-b", "-S", "models.mlp.lr=0.04")
+    repo.dvc("queue", "start", "-j", "2")
+    deadline = time.monotonic() + 900
+    while True:
+        status = repo.dvc("queue", "status").stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(3)
+    assert "Failed" not in status, (status, repo.dvc("queue", "logs", "queued-a", check=False).stdout[-4000:])
+    repo.dvc("queue", "stop", check=False)
+    assert repo.champion() == baseline_champion, "a queued experiment moved the champion"
+
+    tags = repo.runs_by_experiment_tag()
+    for name in ("temp-lr", "queued-a", "queued-b"):
+        assert tags.get(name, 0) >= 1, tags  # their runs are in the workspace store, tagged
+
+    shown = repo.dvc("exp", "show", "--no-pager", "--csv").stdout.splitlines()
+    header = shown[0].split(",")
+    rows = {cells[0] or cells[1]: dict(zip(header, cells)) for cells in (row.split(",") for row in shown[1:])}
+    for name in ("queued-a", "queued-b", "temp-lr"):
+        assert float(rows[name]["test_acc"]) > 0, rows.get(name)  # each experiment's metrics, not "!"
+
+    repo.dvc("exp", "apply", "queued-b")
+    repo.dvc("repro")  # everything comes from the run cache: nothing to crash on
+    out = repo.dvc("exp", "run", "-n", "workspace-run", "-S", "models.mlp.epochs=2")
+    assert repo.runs_by_experiment_tag().get("workspace-run", 0) >= 1, out.stdout[-3000:]
+    assert repo.champion() != baseline_champion or "challenger" in out.stdout  # the workspace run may promote
+
+
+def test_outputs_restored_from_the_run_cache_into_a_fresh_store_get_new_runs_that_say_so(repo):
+    repo.git("checkout", "-q", "--", ".")
+    repo.dvc("checkout", "-q", check=False)
+    (repo.path / "mlflow.db").unlink()
+    shutil.rmtree(repo.path / "mlartifacts", ignore_errors=True)
+    params = yaml.safe_load((repo.path / "params.yaml").read_text())
+    params["evaluate"]["top_k"] = 3  # evaluate and later stages re-run; train's outputs come from the cache
+    (repo.path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = repo.dvc("repro")
+    text = out.stdout + out.stderr
+    assert "restored" in text.lower() and "new run" in text.lower(), text[-4000:]
+    provenance = repo.query("SELECT key, value FROM tags WHERE key LIKE 'restored_from.%'")
+    assert {"restored_from.run_id", "restored_from.model_sha256"} <= {k for k, _ in provenance}, provenance
+    assert repo.champion() is not None
