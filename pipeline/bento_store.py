@@ -22,7 +22,6 @@ and ``GET /metadata`` informative without opening the model.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any, Iterator
 from service.model_source import MODEL_FILE, REGISTRY_KEYS, bentoml_home, pointer_file, read_pointers
 
 from . import atomic
+from .atomic import sha256_file
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
@@ -69,14 +69,6 @@ def read_onnx_metadata(onnx_file: str | Path) -> dict[str, str]:
 
     model = onnx.load(str(onnx_file), load_external_data=False)
     return {p.key: p.value for p in model.metadata_props}
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save_to_bento_store(

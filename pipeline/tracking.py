@@ -224,7 +224,7 @@ def open_run(run_id: str, *, experiment: str, run_name: str, stage: str, model_f
     except Exception as err:  # noqa: BLE001
         if run_id and not _is_missing(err):
             raise TrackingError(f"MLflow store {tracking_uri()} cannot read run {run_id}: {err}") from err
-    sha = _file_sha256(model_file) if model_file is not None and model_file.is_file() else ""
+    sha = atomic.sha256_file(model_file) if model_file is not None and model_file.is_file() else ""
     eid = experiment_id(experiment)
     query = f"tags.`restored_from.run_id` = '{run_id}' and tags.`restored_from.model_sha256` = '{sha}'"
     found = c.search_runs([eid], filter_string=query, max_results=1)
@@ -237,16 +237,6 @@ def open_run(run_id: str, *, experiment: str, run_name: str, stage: str, model_f
     print(f"{stage}: outputs restored from a cache name MLflow run {run_id or '?'}, which is not in {tracking_uri()}: "
           f"logging to new run {new} (tags restored_from.*)", file=sys.stderr)
     return Run(new)
-
-
-def _file_sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def log_dataset_card(experiment: str, card: dict) -> str:

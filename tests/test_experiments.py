@@ -22,7 +22,7 @@ import yaml
 from tests.conftest import REPO_ROOT, mirror_path, repo_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-CODE = ("pipeline", "models", "service", "dvc.yaml", "bentofile.yaml", "pyproject.toml", ".dvcignore")
+CODE = ("pipeline", "models", "service", "data/images", "dvc.yaml", "bentofile.yaml", "pyproject.toml", ".dvcignore")
 
 
 class Repo:
@@ -70,6 +70,7 @@ def repo(tmp_path_factory) -> Repo:
     path = tmp_path_factory.mktemp("exp-repo")
     for name in CODE:
         src = REPO_ROOT / name
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree(src, path / name, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir()
          else shutil.copy2(src, path / name))
     params = repo_params()
@@ -142,3 +143,12 @@ def test_outputs_restored_from_the_run_cache_into_a_fresh_store_get_new_runs_tha
     provenance = repo.query("SELECT key, value FROM tags WHERE key LIKE 'restored_from.%'")
     assert {"restored_from.run_id", "restored_from.model_sha256"} <= {k for k, _ in provenance}, provenance
     assert repo.champion() is not None
+
+
+def test_the_image_folder_is_a_dependency_of_the_download_stage(repo):
+    """data.source (default data/images) is a DVC dependency: a new image makes `download` (and so
+    everything after it) out of date."""
+    (repo.path / "data" / "images" / "cat").mkdir(parents=True, exist_ok=True)
+    (repo.path / "data" / "images" / "cat" / "001.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    status = repo.dvc("status").stdout
+    assert "download:" in status and "data/images" in status, status
