@@ -106,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ParamsError, FileNotFoundError) as err:
         print(f"export: error: {err}", file=sys.stderr)
         return 2
+    # the ONNX file names the training run (its bytes must not depend on which store logs them)
     run = tracking.open_run(meta["mlflow_run_id"], experiment=params.train.experiment, run_name=args.arch,
                             stage="export", model_file=arch_dir(args.arch) / "model.pt")
-    meta = {**meta, "mlflow_run_id": run.run_id}  # the ONNX metadata names a run that is in this store
     proto = export_onnx(model, meta, params.export.opset)
     model_bytes = proto.SerializeToString()
     test = load_prepared("test", PREPARED_DIR)

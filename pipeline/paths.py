@@ -52,7 +52,10 @@ def isolated_experiment() -> str | None:
     """The experiment's name when this stage runs in a `dvc exp run --temp/--queue` copy (not in the
     workspace): such runs register candidates but leave the serving aliases and store alone."""
     root = os.environ.get("DVC_ROOT", "").strip()
-    if not root or Path.cwd().resolve() == Path(root).resolve():
+    if not root:
+        return None
+    executors = Path(root).resolve() / ".dvc" / "tmp" / "exps"  # where DVC's temp and queue executors run
+    if executors not in Path.cwd().resolve().parents:
         return None
     return os.environ.get("DVC_EXP_NAME") or Path.cwd().name
 

@@ -36,7 +36,7 @@ from . import atomic, tracking
 from .download import load_card, load_prepared
 from .export import EXPORTS_DIR, onnx_logits
 from .params import ParamsError, PromoteParams, load_params
-from .paths import PREPARED_DIR, RELEASE_DIR, experiments_may_promote, isolated_experiment
+from .paths import PREPARED_DIR, RELEASE_DIR, arch_dir, experiments_may_promote, isolated_experiment
 from .serving import CHALLENGER, CHAMPION, utc_now as _now
 
 
@@ -188,7 +188,7 @@ def register_export(name: str, export_json: Path, experiment: str) -> tuple[str,
     run_id = meta["mlflow_run_id"]
     if not tracking.run_exists(run_id):  # the export came from DVC's cache, made against another store
         run_id = tracking.open_run(run_id, experiment=experiment, run_name=report["arch"], stage="promote",
-                                   model_file=export_json.parent / "model.onnx").run_id
+                                   model_file=arch_dir(report["arch"]) / "model.pt").run_id
     evaluation = report["evaluation"]
     tags = {"arch": report["arch"], "dataset": meta["dataset"], "onnx_sha256": report["onnx_sha256"],
             "test_set_sha256": report["test_set_sha256"], "parity_passed": "true",
@@ -245,20 +245,32 @@ def auto_promote(p: PromoteParams, archs: list[str], experiment: str = "image-cl
         reconcile(name)
         champion = tracking.version_by_alias(name, CHAMPION)
         champ_metric = champion_metric_on(name, champion, p.metric, test_sha) if champion else None
-        alias, reason = gate(best, champion["version"] if champion else None, champ_metric, p.margin)
-        if isolated:
-            reason = f"{reason} (experiment {isolated!r}: aliases left alone; PROMOTE_IN_EXPERIMENTS=1 to move them)"
-        tracking.set_version_tags(name, best.version, {"decision": alias, "decision.reason": reason,
-                                                       "decision.time": _now()})
-        if not isolated and not (champion and champion["version"] == best.version):
-            record_alias_change(name, alias, best.version, reason, "gate")
+        alias, reason = decide(name, best, champion, champ_metric, p.margin, isolated)
         final_champion = tracking.version_by_alias(name, CHAMPION)
     return {"registered_model": name, "metric": p.metric, "margin": p.margin, "candidates": reports,
             "best": {"arch": best.arch, "version": best.version, p.metric: best.metric},
             "previous_champion": {"version": champion["version"], p.metric: champ_metric} if champion else None,
             "decision": alias, "reason": reason,
             "champion": {"version": final_champion["version"], "arch": final_champion["tags"].get("arch"),
-                         "run_id": final_champion["run_id"]}}
+                         "run_id": final_champion["run_id"]} if final_champion else None}
+
+
+def decide(name: str, best: Candidate, champion: dict | None, champ_metric: float | None, margin: float,
+           isolated: str | None) -> tuple[str, str]:
+    """The gate for `best`, once per version in the workspace (the stage runs on every `dvc repro`,
+    and a later re-run must not undo a manual promotion or rollback); in an isolated experiment it is
+    recorded but moves nothing. Call under the registry lock."""
+    prior = tracking.get_version(name, best.version)["tags"]
+    if prior.get("decision") and prior.get("decision.isolated") != "true":
+        return prior["decision"], prior.get("decision.reason", "")
+    alias, reason = gate(best, champion["version"] if champion else None, champ_metric, margin)
+    if isolated:
+        reason = f"{reason} (experiment {isolated!r}: aliases left alone; PROMOTE_IN_EXPERIMENTS=1 to move them)"
+    tracking.set_version_tags(name, best.version, {"decision": alias, "decision.reason": reason,
+                                                   "decision.time": _now(), "decision.isolated": str(bool(isolated)).lower()})
+    if not isolated and not (champion and champion["version"] == best.version):
+        record_alias_change(name, alias, best.version, reason, "gate")
+    return alias, reason
 
 
 def format_versions(versions: list[dict], metric: str) -> str:
@@ -299,9 +311,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in (None, "auto"):
             result = auto_promote(params.promote, list(params.models), params.train.experiment)
             atomic.write_json(RELEASE_DIR / "promotion.json", result)
+            champion = result["champion"]
+            served = f"v{champion['version']} ({champion['arch']})" if champion else "not set"
             print(f"promote: {name}: best {result['best']['arch']} v{result['best']['version']} "
                   f"({params.promote.metric} {result['best'][params.promote.metric]:.5f}) -> {result['decision']}: "
-                  f"{result['reason']}; champion is v{result['champion']['version']} ({result['champion']['arch']})")
+                  f"{result['reason']}; champion is {served}")
         elif args.command == "list":
             print(format_versions(tracking.list_versions(name), params.promote.metric))
         elif args.command == "set":

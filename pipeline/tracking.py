@@ -3,8 +3,8 @@
 Store: `MLFLOW_TRACKING_URI` when set, else an embedded SQLite store at the workspace root
 (`mlflow.db`, artifacts in `mlartifacts/`; `paths.workspace_root`: DVC's DVC_ROOT, else git's
 common dir), so that stages run from `dvc exp run --temp/--queue` copies log to the same store. The
-SQLite file is switched to WAL mode, so that concurrent queued experiments and a serving process
-reading aliases do not block each other. Every run is tagged with the DVC experiment name, the
+SQLite file is switched to WAL mode, so that readers (a serving process checking aliases) do not
+block concurrent queued experiments, whose writers wait for each other. Every run is tagged with the DVC experiment name, the
 stage, the git commit and the params hash.
 """
 from __future__ import annotations
@@ -70,8 +70,10 @@ _WAL_DONE: set[Path] = set()
 
 
 def _use_wal(db: Path | None) -> None:
-    """WAL journal (persistent, once per file): writers of parallel queued experiments wait for each
-    other instead of failing with "database is locked", and readers never wait for writers."""
+    """WAL journal (persistent, once per file): readers (the service's alias checks, `dvc exp show`
+    users browsing the MLflow UI) never wait for the writers of parallel queued experiments, which
+    wait for each other (MLflow's busy timeout) instead of failing with "database is locked". Copy
+    the store with `sqlite3 mlflow.db ".backup copy.db"`: a plain copy may miss the journal."""
     if db is None or db in _WAL_DONE:
         return
     db.parent.mkdir(parents=True, exist_ok=True)
@@ -218,12 +220,8 @@ def open_run(run_id: str, *, experiment: str, run_name: str, stage: str, model_f
     made in another store), the stage logs into a new run recording where the outputs came from
     (tags restored_from.*; reused by the later stages of the same outputs) and says so in one line."""
     c = client()
-    try:
-        c.get_run(run_id)
+    if run_exists(run_id):
         return Run(run_id)
-    except Exception as err:  # noqa: BLE001
-        if run_id and not _is_missing(err):
-            raise TrackingError(f"MLflow store {tracking_uri()} cannot read run {run_id}: {err}") from err
     sha = atomic.sha256_file(model_file) if model_file is not None and model_file.is_file() else ""
     eid = experiment_id(experiment)
     query = f"tags.`restored_from.run_id` = '{run_id}' and tags.`restored_from.model_sha256` = '{sha}'"
@@ -234,6 +232,7 @@ def open_run(run_id: str, *, experiment: str, run_name: str, stage: str, model_f
         new = start_run(experiment, run_name, tags={"stage": stage, "restored_from.run_id": run_id or "?",
                                                     "restored_from.model_sha256": sha,
                                                     "restored_from.dvc_stage": os.environ.get("DVC_STAGE", "")}).run_id
+        c.set_terminated(new, "FINISHED")  # later stages add to it like to a finished training run
     print(f"{stage}: outputs restored from a cache name MLflow run {run_id or '?'}, which is not in {tracking_uri()}: "
           f"logging to new run {new} (tags restored_from.*)", file=sys.stderr)
     return Run(new)
@@ -277,9 +276,11 @@ def log_onnx_model(run_id: str, onnx_path: str | Path, input_example, metadata: 
 
 
 def run_exists(run_id: str) -> bool:
+    """The run is in this store and not deleted (MLflow refuses to log into a deleted run)."""
+    if not run_id:
+        return False
     try:
-        client().get_run(run_id)
-        return True
+        return client().get_run(run_id).info.lifecycle_stage != "deleted"
     except Exception as err:  # noqa: BLE001
         if _is_missing(err):
             return False
@@ -403,15 +404,26 @@ def peek_alias(name: str, alias: str, timeout_s: float = 3.0) -> str | None:
     if db is not None:
         require_store()
         try:
-            with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True,
-                                                    timeout=timeout_s)) as con:
-                row = con.execute(*_alias_query(con, name, alias)).fetchone()
+            row = _read_alias(db, name, alias, timeout_s)
         except sqlite3.Error as err:
             raise TrackingError(f"MLflow store {uri} cannot be read: {err}") from err
         return str(row[0]) if row else None
     if uri.startswith(("http://", "https://")):
         return _peek_alias_rest(uri, name, alias, timeout_s)
     return (version_by_alias(name, alias) or {}).get("version")  # other stores: through mlflow
+
+
+def _read_alias(db: Path, name: str, alias: str, timeout_s: float) -> tuple | None:
+    """Read-only first; a WAL database needs its -shm file writable even for readers, so a reader that
+    cannot create it (another user's store) tries a plain connection, which only reads too."""
+    for uri in (f"{db.resolve().as_uri()}?mode=ro", f"{db.resolve().as_uri()}"):
+        try:
+            with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=timeout_s)) as con:
+                return con.execute(*_alias_query(con, name, alias)).fetchone()
+        except sqlite3.OperationalError as err:
+            if "readonly" not in str(err) or not uri.endswith("mode=ro"):
+                raise
+    return None
 
 
 def _alias_query(con: sqlite3.Connection, name: str, alias: str) -> tuple[str, tuple]:
