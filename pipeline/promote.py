@@ -222,13 +222,8 @@ def champion_metric_on(name: str, champion: dict, metric: str, test_sha: str) ->
     return float((logits.argmax(1) == test.labels).mean())
 
 
-def auto_promote(p: PromoteParams, archs: list[str], experiment: str = "image-classifier") -> dict:
-    """The DVC stage: register every export, pick the best, run the champion/challenger gate. Inside
-    a --temp/--queue experiment the candidates are registered and the decision recorded, but no
-    alias moves (PROMOTE_IN_EXPERIMENTS=1 lets them): experiments never change what is served."""
-    name = p.registered_model
-    isolated = isolated_experiment() if not experiments_may_promote() else None
-    test_sha = load_card(PREPARED_DIR)["splits"]["test"]["sha256"]
+def register_candidates(name: str, p: PromoteParams, archs: list[str], experiment: str) -> tuple[list[Candidate], dict]:
+    """Every architecture's export as a registry version (idempotent), with its gate metrics."""
     candidates, reports = [], {}
     for arch in archs:
         version, report = register_export(name, EXPORTS_DIR / arch / "export.json", experiment)
@@ -240,8 +235,21 @@ def auto_promote(p: PromoteParams, archs: list[str], experiment: str = "image-cl
         candidates.append(Candidate(arch, version, float(evaluation[p.metric]), float(evaluation[p.tie_break]),
                                     report["test_set_sha256"]))
         reports[arch] = {"version": version, p.metric: evaluation[p.metric], p.tie_break: evaluation[p.tie_break]}
-    best = rank_candidates(candidates)[0]
-    with tracking.registry_lock(name):
+    return candidates, reports
+
+
+def auto_promote(p: PromoteParams, archs: list[str], experiment: str = "image-classifier") -> dict:
+    """The DVC stage: register every export, pick the best, run the champion/challenger gate. Inside
+    a --temp/--queue experiment the candidates are registered and the decision recorded, but no
+    alias moves (PROMOTE_IN_EXPERIMENTS=1 lets them): experiments never change what is served."""
+    name = p.registered_model
+    isolated = isolated_experiment() if not experiments_may_promote() else None
+    test_sha = load_card(PREPARED_DIR)["splits"]["test"]["sha256"]
+    # registration holds the lock too: two queued experiments sharing an unchanged export must not
+    # both find it unregistered and register it twice
+    with tracking.registry_lock(name, timeout_s=300):
+        candidates, reports = register_candidates(name, p, archs, experiment)
+        best = rank_candidates(candidates)[0]
         reconcile(name)
         champion = tracking.version_by_alias(name, CHAMPION)
         champ_metric = champion_metric_on(name, champion, p.metric, test_sha) if champion else None
