@@ -146,15 +146,14 @@ def list_model_tags(name: str = DEFAULT_MODEL_NAME) -> list[str]:
 
 
 def find_stored(name: str, onnx_sha256: str, registry_version: str | None = None) -> str | None:
-    """The newest stored version of ``name`` holding exactly this ONNX file (and registry version);
-    the file's bytes are hashed, not just its recorded hash."""
+    """The newest stored version of ``name`` recorded as holding this ONNX file (and registry
+    version). Call it after :func:`remove_debris`, under :func:`store_lock`: that is what checks the
+    files' bytes against their recorded SHA-256."""
     for tag in list_model_tags(name):
         info = bento_model_info(tag)
         if info["metadata"].get("onnx_sha256") != onnx_sha256:
             continue
-        if registry_version is not None and str(info["registry"].get("registry_version")) != str(registry_version):
-            continue
-        if Path(info["path"]).is_file() and sha256_file(Path(info["path"])) == onnx_sha256:
+        if registry_version is None or str(info["registry"].get("registry_version")) == str(registry_version):
             return tag
     return None
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from . import atomic
-from .paths import REPO_ROOT, workspace_root
+from .paths import workspace_root
 
 
 class TrackingError(RuntimeError):
@@ -470,14 +470,14 @@ class RegistryBusy(TrackingError):
     """Another process is changing the registered model's aliases."""
 
 
-LEASE_S = 300.0  # a lock left by a killed process on a tracking server is taken over after this
+LOCK_MODEL_EXPIRY_S = 300.0  # a lock left by a killed process on a tracking server is taken over after this
 
 
 @contextlib.contextmanager
 def registry_lock(name: str, timeout_s: float = 30.0) -> Iterator[None]:
     """Serialize alias changes of registered model `name` across processes (promote, rollback, the
     gate): a flock beside a SQLite store (released by the kernel when a holder is killed), else a
-    lock model on the tracking server (`_acquire_lease`) that expires LEASE_S after a holder died.
+    lock model on the tracking server (`_acquire_lock_model`) that expires LOCK_MODEL_EXPIRY_S after a holder died.
     Raises RegistryBusy after `timeout_s`, naming the holder."""
     db = sqlite_file()
     if db is not None:
@@ -488,7 +488,7 @@ def registry_lock(name: str, timeout_s: float = 30.0) -> Iterator[None]:
         with atomic.file_lock(db.with_name(f"{db.name}.{name}.lock"), timeout_s, busy):
             yield
         return
-    lock = _acquire_lease(name, timeout_s)
+    lock = _acquire_lock_model(name, timeout_s)
     try:
         yield
     finally:
@@ -496,7 +496,7 @@ def registry_lock(name: str, timeout_s: float = 30.0) -> Iterator[None]:
             client().delete_registered_model(lock)
 
 
-def _acquire_lease(name: str, timeout_s: float) -> str:
+def _acquire_lock_model(name: str, timeout_s: float) -> str:
     """A tracking server has no shared file system: the lock is a registered model `<name>.lock`,
     whose creation the server's database makes atomic (RESOURCE_ALREADY_EXISTS for everyone else);
     its description names the holder and the expiry, after which a dead holder's lock is taken over."""
@@ -505,7 +505,7 @@ def _acquire_lease(name: str, timeout_s: float) -> str:
     lock, c = f"{name}.lock", client()
     deadline = time.monotonic() + timeout_s
     while True:
-        holder = {"by": f"{socket.gethostname()}:{os.getpid()}", "expires": time.time() + LEASE_S}
+        holder = {"by": f"{socket.gethostname()}:{os.getpid()}", "expires": time.time() + LOCK_MODEL_EXPIRY_S}
         try:
             c.create_registered_model(lock, description=json.dumps(holder))
             return lock

@@ -79,12 +79,8 @@ class AliasFollower:
             await asyncio.sleep(self.check_s)
 
     async def step(self) -> None:
-        due = self._peek is not None and self.registry_poll_s > 0 and \
-            time.monotonic() - self._last_poll >= self.registry_poll_s
-        async with self._lock:
-            if due:
-                await self._poll_registry()
-            await self._follow_pointer()
+        due = self.registry_poll_s > 0 and time.monotonic() - self._last_poll >= self.registry_poll_s
+        await self._check(poll_registry=due)
 
     async def check_now(self, retry_refused: bool = False) -> dict:
         """Poll the registry and the pointer now; the resulting status."""
@@ -92,11 +88,14 @@ class AliasFollower:
             return {**self.status, "busy": True}
         if retry_refused:
             self._refused_keys.clear()
+        await self._check(poll_registry=True)
+        return self.status
+
+    async def _check(self, poll_registry: bool) -> None:
         async with self._lock:
-            if self._peek is not None:
+            if poll_registry and self._peek is not None:
                 await self._poll_registry()
             await self._follow_pointer()
-        return self.status
 
     # --- registry -> store ------------------------------------------------------------------------
 

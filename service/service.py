@@ -30,12 +30,10 @@ Errors are JSON: ``{"error": message, "reason": code, "status": http_status, "fi
 import asyncio
 import base64
 import binascii
-import fcntl
 import gc
 import hmac
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -85,6 +83,8 @@ def worker_selection() -> Optional[Selection]:
     if tags:
         return select_model(CONFIG.model_name, "", CONFIG.model_alias, tags[0], {})
     return SELECTION
+
+
 #: seconds the registry -> store sync (python -m pipeline.serving: download, check, store) may take
 SYNC_TIMEOUT_S = 600
 FIELD = "images"
