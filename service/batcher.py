@@ -13,6 +13,10 @@ per image) exceeds ``max_latency_ms`` is refused at once with :class:`Overloaded
 503 + Retry-After) instead of queueing into a timeout. A request that finds nothing ahead of it is
 never refused. Seconds per image = a running average of call seconds / a running average of images
 per call, so one slow call of a single image (a scheduler hiccup) does not condemn a queue.
+
+A model call that never returns cannot be interrupted (ONNX Runtime holds the thread): the owner
+watches :meth:`MicroBatcher.running_for` and, past its limit, calls :meth:`MicroBatcher.abandon`,
+which fails every waiting request at once; the process must then be replaced.
 """
 from __future__ import annotations
 
@@ -58,6 +62,9 @@ class MicroBatcher:
         self._wakeup: Optional[asyncio.Event] = None
         self._loop_task: Optional[asyncio.Task] = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._running: list[tuple[np.ndarray, asyncio.Future]] = []  # the call in progress
+        self._call_started: Optional[float] = None  # loop.time() when it began
+        self._abandoned: Optional[Exception] = None
         self.calls = 0
         self.images = 0
 
@@ -69,6 +76,8 @@ class MicroBatcher:
         return 1000.0 * ahead * self._call_seconds / self._call_images
 
     async def submit(self, images: np.ndarray) -> np.ndarray:
+        if self._abandoned is not None:
+            raise self._abandoned
         count = len(images)
         if count == 0:
             return self._infer(images)
@@ -87,6 +96,20 @@ class MicroBatcher:
         assert self._wakeup is not None
         self._wakeup.set()
         return await future
+
+    def running_for(self, now: float) -> float:
+        """Seconds the model call in progress has run (``now``: the loop's clock); 0 when idle."""
+        return 0.0 if self._call_started is None else now - self._call_started
+
+    def abandon(self, err: Exception) -> None:
+        """Fail every request in the running call and the queue with ``err``; accept nothing more."""
+        for _, future in [*self._running, *self._queue]:
+            if not future.done():
+                future.set_exception(err)
+        self._queue.clear()
+        self._queued_images = 0
+        self._abandoned = err
+        self.close()
 
     def close(self) -> None:
         """Stop the model thread once nothing will be submitted any more (a retired model's batcher)."""
@@ -117,8 +140,8 @@ class MicroBatcher:
                 if not taken:
                     continue
                 batch = taken[0][0] if len(taken) == 1 else np.concatenate([images for images, _ in taken])
-                self._running_images = len(batch)
-                started = loop.time()
+                self._running_images, self._running = len(batch), taken
+                started = self._call_started = loop.time()
                 try:
                     outputs = await loop.run_in_executor(self._executor, self._infer, batch)
                 except Exception as err:  # every request of the call gets the error (a 500: a model bug)
@@ -127,7 +150,7 @@ class MicroBatcher:
                             future.set_exception(err)
                     continue
                 finally:
-                    self._running_images = 0
+                    self._running_images, self._running, self._call_started = 0, [], None
                 self._learn(loop.time() - started, len(batch))
                 offset = 0
                 for images, future in taken:

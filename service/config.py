@@ -10,7 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
-from .preprocessing import DEFAULT_MAX_PIXELS
+from .preprocessing import MIN_DEFAULT_PIXELS, PIXELS_PER_INPUT_PIXEL
 
 #: name -> (default, description); the README table is generated from this.
 ENV_VARS: dict[str, tuple[str, str]] = {
@@ -49,7 +49,15 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "CLASSIFIER_TOP_K": ("5", "default number of entries in `top_k` (capped at the number of classes)"),
     "CLASSIFIER_MAX_IMAGES": ("64", "most images in one request (more -> 413)"),
     "CLASSIFIER_MAX_REQUEST_BYTES": (str(32 * 1024 * 1024), "largest request body in bytes (more -> 413)"),
-    "CLASSIFIER_MAX_IMAGE_PIXELS": (str(DEFAULT_MAX_PIXELS), "largest image in pixels, width*height (more -> 413)"),
+    "CLASSIFIER_MAX_IMAGE_PIXELS": ("auto", "largest image in decoded pixels, width*height (more -> 413, refused from the "
+                                    "header); `auto` = what the model's input needs: "
+                                    f"{PIXELS_PER_INPUT_PIXEL} x its pixels, at least {MIN_DEFAULT_PIXELS} "
+                                    "(4.2 MP for 28x28 or 32x32 models), at most 40 MP. Large JPEGs decode at reduced "
+                                    "scale and count at that scale"),
+    "CLASSIFIER_MAX_REQUEST_PIXELS": ("auto", "most decoded pixels in one request, all images together (more -> 413); "
+                                      "`auto` = 4 x CLASSIFIER_MAX_IMAGE_PIXELS"),
+    "CLASSIFIER_MODEL_STALL_S": ("20", "a model call running longer than this many seconds is stuck: the worker stops "
+                                 "reporting ready, answers 503 `model_stuck` and exits so that it is restarted; 0 = never"),
     "CLASSIFIER_MAX_CONCURRENCY": ("64", "requests in flight per worker before answering 429"),
     "CLASSIFIER_REQUEST_TIMEOUT_S": ("30", "per-request timeout in seconds (-> 504)"),
 }
@@ -81,6 +89,12 @@ def _float(env: Mapping[str, str], name: str, minimum: float, maximum: float = f
     return value
 
 
+def _pixels(env: Mapping[str, str], name: str) -> int:
+    """A pixel count, or 0 for `auto` (resolved per model: service.preprocessing.pixel_limit)."""
+    raw = env.get(name, "").strip().lower() or ENV_VARS[name][0]
+    return 0 if raw == "auto" else _int({name: raw}, name, 1)
+
+
 def _flag(env: Mapping[str, str], name: str) -> bool:
     raw = env.get(name, "").strip().lower() or ENV_VARS[name][0]
     if raw not in ("0", "1", "true", "false", "yes", "no"):
@@ -108,7 +122,9 @@ class ServiceConfig:
     top_k: int = 5
     max_images: int = 64
     max_request_bytes: int = 32 * 1024 * 1024
-    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    max_image_pixels: int = 0  # 0 = auto: from the model's input size (limits_for)
+    max_request_pixels: int = 0  # 0 = auto: 4 x the per-image limit
+    model_stall_s: float = 20.0
     max_concurrency: int = 64
     request_timeout_s: int = 30
     cpu_count: int = field(default_factory=lambda: os.cpu_count() or 1)
@@ -160,7 +176,9 @@ class ServiceConfig:
             top_k=_int(env, "CLASSIFIER_TOP_K", 1),
             max_images=_int(env, "CLASSIFIER_MAX_IMAGES", 1),
             max_request_bytes=_int(env, "CLASSIFIER_MAX_REQUEST_BYTES", 1024),
-            max_image_pixels=_int(env, "CLASSIFIER_MAX_IMAGE_PIXELS", 1),
+            max_image_pixels=_pixels(env, "CLASSIFIER_MAX_IMAGE_PIXELS"),
+            max_request_pixels=_pixels(env, "CLASSIFIER_MAX_REQUEST_PIXELS"),
+            model_stall_s=_float(env, "CLASSIFIER_MODEL_STALL_S", 0.0),
             max_concurrency=_int(env, "CLASSIFIER_MAX_CONCURRENCY", 1),
             request_timeout_s=_int(env, "CLASSIFIER_REQUEST_TIMEOUT_S", 1),
             cpu_count=cpu_count,

@@ -1,5 +1,7 @@
 """Pure-ASGI middleware: a request-body size limit (BentoML has none; over it -> 413 with a JSON
-body) and connection recycling (``ConnectionRecycleMiddleware``, below).
+body), connection recycling (``ConnectionRecycleMiddleware``), cancelling the work of requests whose
+client has gone (``CancelOnDisconnectMiddleware``) and one JSON shape for every error response
+(``JsonErrorsMiddleware``).
 
 A ``Content-Length`` over the limit is refused before the body is read. A body without a length
 (chunked upload) is counted as it streams; once it passes the limit the application's own response
@@ -7,6 +9,7 @@ A ``Content-Length`` over the limit is refused before the body is read. A body w
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from typing import Any, Awaitable, Callable
@@ -17,7 +20,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-__all__ = ["ConnectionRecycleMiddleware", "RequestSizeLimitMiddleware", "json_error_body"]
+__all__ = ["CancelOnDisconnectMiddleware", "ConnectionRecycleMiddleware", "JsonErrorsMiddleware",
+           "RequestSizeLimitMiddleware", "json_error_body"]
 
 
 def json_error_body(status: int, error: str, reason: str, **extra: Any) -> bytes:
@@ -133,3 +137,109 @@ class ConnectionRecycleMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_closing)
+
+
+class CancelOnDisconnectMiddleware:
+    """Stop working on a request whose client has gone.
+
+    ASGI servers report a closed connection only to an application that calls ``receive()`` again
+    after the body; a handler that is decoding or waiting for the model never does, so without this
+    it finishes work nobody will read (measured: decoding went on for 30-50 s after flooding clients
+    gave up). Once the body has been read, a listener waits for ``http.disconnect`` and cancels the
+    handler; the cancellation reaches the decode pool and the micro-batcher, which drop the work.
+    An application that itself calls ``receive()`` after the body gets what the listener got.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        listener: asyncio.Future | None = None
+
+        async def wrapped_receive() -> Message:
+            nonlocal listener
+            if listener is not None:
+                return await asyncio.shield(listener)
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                listener = asyncio.ensure_future(receive())
+                listener.add_done_callback(lambda done: _cancel_on_disconnect(done, handler))
+            return message
+
+        handler = asyncio.ensure_future(self.app(scope, wrapped_receive, send))
+        try:
+            await asyncio.shield(handler)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # we were cancelled (the server's timeout)
+                handler.cancel()
+                raise
+            # else the client went away and the listener cancelled the handler: nobody to answer
+        finally:
+            if listener is not None and not listener.done():
+                listener.cancel()
+
+
+def _cancel_on_disconnect(listener: asyncio.Future, handler: asyncio.Future) -> None:
+    if listener.cancelled() or listener.exception() is not None:
+        return
+    if listener.result().get("type") == "http.disconnect" and not handler.done():
+        handler.cancel()
+
+
+#: reason codes for error responses the application did not shape itself (routing, BentoML)
+DEFAULT_REASONS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
+                   415: "unsupported_media_type", 429: "too_many_requests", 503: "unavailable", 504: "timeout"}
+
+
+class JsonErrorsMiddleware:
+    """Every error response in the API's JSON shape (``error``, ``reason``, ``status``).
+
+    Routing's plain-text 404/405 and BentoML's ``{"error": ...}`` bodies are rewritten (they are
+    small: only error bodies are buffered); responses that already carry a ``reason`` pass as they are.
+    """
+
+    def __init__(self, app: ASGIApp, max_body: int = 64 * 1024) -> None:
+        self.app, self.max_body = app, max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start: Message | None = None
+        chunks: list[bytes] = []
+
+        async def shaping_send(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                start = message
+                return
+            if start is None or message["type"] != "http.response.body":
+                await send(message)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                await _send_shaped(send, start, b"".join(chunks), self.max_body)
+
+        await self.app(scope, receive, shaping_send)
+
+
+async def _send_shaped(send: Send, start: Message, body: bytes, max_body: int) -> None:
+    status = start["status"]
+    headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-length", b"content-type")]
+    try:
+        parsed = json.loads(body) if len(body) <= max_body else None
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict) and "reason" in parsed:
+        shaped = body
+    else:
+        message = parsed.get("error") or parsed.get("detail") if isinstance(parsed, dict) else None
+        text = str(message or body[:200].decode("utf-8", "replace").strip() or f"HTTP {status}")
+        shaped = json_error_body(status, text, DEFAULT_REASONS.get(status, "internal_error" if status >= 500 else "bad_request"))
+    await send({**start, "headers": [*headers, (b"content-type", b"application/json"),
+                                      (b"content-length", str(len(shaped)).encode())]})
+    await send({"type": "http.response.body", "body": shaped, "more_body": False})

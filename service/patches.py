@@ -1,4 +1,14 @@
-"""A fix for one BentoML 1.4 defect that costs this service its tail latency.
+"""Fixes for BentoML 1.4 defects, each checked against the class it was written for (1.4.x).
+
+1. ``TimeoutMiddleware``'s timers (tail latency, below).
+2. ``RunnerTrafficMetricsMiddleware`` labels its metrics with the raw request path, so every random
+   URL a scanner tries becomes a new Prometheus series that lives until the worker restarts (100,000
+   probes -> 300,000 series, a /metrics answer of tens of MB). ``patch_metrics_paths`` maps paths the
+   service does not serve to one label, ``other``.
+3. ``MaxConcurrencyMiddleware`` answers 429 with ``{"error": "Too many requests"}`` and no
+   ``Retry-After``; ``patch_concurrency_limit`` answers in the API's error shape with ``Retry-After``.
+
+The first, in detail:
 
 ``bentoml._internal.server.http.traffic.TimeoutMiddleware`` (added for ``traffic.timeout``, which
 BentoML requires to be > 0) schedules ``loop.call_later(timeout, ...)`` for every request and never
@@ -17,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from starlette.responses import JSONResponse
 
@@ -60,4 +70,73 @@ def patch_timeout_middleware() -> bool:
         logger.warning("BentoML's TimeoutMiddleware changed; its per-request timers are left as they are")
         return False
     TimeoutMiddleware.__call__ = _timeout_call
+    return True
+
+
+#: the metrics label of every path the service does not serve
+OTHER_PATH = "other"
+_REAL_PATH = "classifier.real_path"
+
+
+class _RestorePath:
+    """Inside the metrics middleware: hand the application the request's real path back."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if _REAL_PATH in scope:
+            scope = {**scope, "path": scope[_REAL_PATH]}
+        await self.app(scope, receive, send)
+
+
+def patch_metrics_paths(known: Callable[[str], bool]) -> bool:
+    """Label requests whose path is not ``known(path)`` as ``other`` in BentoML's traffic metrics."""
+    try:
+        from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware as Metrics
+    except ImportError:
+        Metrics = None
+    original = getattr(Metrics, "__call__", None)
+    if Metrics is None or getattr(original, "_classifier_patched", False):
+        return Metrics is not None
+    if not hasattr(Metrics, "_setup"):
+        logger.warning("BentoML's RunnerTrafficMetricsMiddleware changed; its path labels are left as they are")
+        return False
+
+    async def call(self: Any, scope: dict, receive: Any, send: Any) -> None:
+        if not isinstance(self.app, _RestorePath):
+            self.app = _RestorePath(self.app)
+        path = scope.get("path", "")
+        if scope.get("type") in ("http", "websocket") and not known(path):
+            scope = {**scope, "path": OTHER_PATH, _REAL_PATH: path}
+        await original(self, scope, receive, send)
+
+    call._classifier_patched = True  # type: ignore[attr-defined]
+    Metrics.__call__ = call
+    return True
+
+
+def patch_concurrency_limit(retry_after_s: int = 1) -> bool:
+    """Answer BentoML's per-worker concurrency limit with the API's JSON error and ``Retry-After``."""
+    try:
+        from bentoml._internal.server.http.traffic import MaxConcurrencyMiddleware as Limit
+    except ImportError:
+        Limit = None
+    if Limit is None or not hasattr(Limit, "BYPASS_PATHS"):
+        logger.warning("BentoML's MaxConcurrencyMiddleware changed; its 429 answer is left as it is")
+        return False
+
+    async def call(self: Any, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket") or scope["path"] in self.skip_paths:
+            return await self.app(scope, receive, send)
+        if self._semaphore.locked():
+            await JSONResponse(
+                {"error": "too many requests in flight on this worker (CLASSIFIER_MAX_CONCURRENCY); retry later",
+                 "reason": "too_many_requests", "status": 429}, status_code=429,
+                headers={"Retry-After": str(retry_after_s)})(scope, receive, send)
+            return
+        async with self._semaphore:
+            await self.app(scope, receive, send)
+
+    Limit.__call__ = call
     return True

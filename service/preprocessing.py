@@ -7,7 +7,9 @@ tests. It must stay importable without bentoml, onnxruntime or torch.
 The steps, each a pure function:
 
 1. :func:`decode_image` - bytes -> ``PIL.Image`` in mode ``L`` (1 channel) or ``RGB`` (3 channels):
-   format allow-list, pixel limit (checked from the header, before any pixel is decoded), integrity
+   format allow-list, JPEGs decoded at a reduced scale when far larger than the model needs
+   (``draft_to``, see :data:`DRAFT_OVERSAMPLE`), pixel limit on the pixels that will be decoded
+   (checked from the header, before any pixel is decoded; :func:`read_header`), integrity
    check (``Image.verify``), first frame only, EXIF orientation applied, alpha composited onto black,
    16-bit samples scaled to 8 bits (``v / 257``, rounded), then converted to ``L``/``RGB``.
 2. :func:`resize_image` - to ``size x size`` with the model's PIL filter (skipped when already that
@@ -34,6 +36,8 @@ from PIL import Image, ImageOps
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "DRAFT_OVERSAMPLE",
+    "ImageHeader",
     "RESAMPLE_FILTERS",
     "SUPPORTED_FORMATS",
     "ImageError",
@@ -41,7 +45,9 @@ __all__ = [
     "decode_image",
     "image_to_array",
     "normalize",
+    "pixel_limit",
     "preprocess_batch",
+    "read_header",
     "resize_image",
     "to_chw_uint8",
 ]
@@ -49,6 +55,18 @@ __all__ = [
 #: Largest accepted image, in pixels (width * height), checked before decoding. 40 MP covers
 #: every camera-phone photo; a decompression bomb (tiny file, huge canvas) is refused up front.
 DEFAULT_MAX_PIXELS = 40_000_000
+#: The smallest default per-image limit (:func:`pixel_limit`): 2048x2048, a screenshot or a scan.
+MIN_DEFAULT_PIXELS = 2048 * 2048
+#: Default per-image limit per pixel of the model's input: a 64x linear downscale (28x28 -> 3.2 MP,
+#: raised to MIN_DEFAULT_PIXELS; 224x224 -> 205 MP, capped at DEFAULT_MAX_PIXELS).
+PIXELS_PER_INPUT_PIXEL = 64 * 64
+#: A JPEG decodes at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, ``Image.draft``) while both sides
+#: stay >= DRAFT_OVERSAMPLE x the model's side: a 4032x3024 phone photo for a 28x28 model decodes as
+#: 504x378, ~6x faster and with 1/64 of the memory, and the resize to 28x28 averages the same area.
+#: JPEGs under 2 x DRAFT_OVERSAMPLE x the model's side per side (all training images) decode as before.
+DRAFT_OVERSAMPLE = 4
+#: formats Image.draft can scale while decoding
+_DRAFTABLE = frozenset({"JPEG", "MPO"})
 
 #: Pillow format names accepted (MPO is what Pillow calls many camera JPEGs).
 SUPPORTED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "WEBP", "BMP", "DIB", "TIFF", "GIF"})
@@ -174,7 +192,40 @@ class PreprocessSpec:
 
 # --- decoding --------------------------------------------------------------------------------------
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
+def pixel_limit(image_size: int) -> int:
+    """Default largest decoded image, in pixels, for a model of ``image_size x image_size`` inputs."""
+    return max(MIN_DEFAULT_PIXELS, min(DEFAULT_MAX_PIXELS, PIXELS_PER_INPUT_PIXEL * image_size * image_size))
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header says: format, canvas size, and how many pixels decoding will produce
+    (fewer than the canvas for a JPEG decoded at reduced scale)."""
+
+    format: str
+    width: int
+    height: int
+    decoded_pixels: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def read_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: int | None = None) -> ImageHeader:
+    """The header of ``data`` (no pixel is decoded: ~0.1 ms); the same checks and :class:`ImageError`
+    as :func:`decode_image` up to the pixel limit."""
+    if not data:
+        raise ImageError("empty", "the file is empty")
+    img, (width, height) = _open(bytes(data), max_pixels, draft_to)
+    try:
+        return ImageHeader(str(img.format), width, height, img.size[0] * img.size[1])
+    finally:
+        img.close()
+
+
+def _open(data: bytes, max_pixels: int, draft_to: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """The opened (not decoded) image, drafted when it is a large JPEG, and its canvas size."""
     try:
         img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as err:
@@ -189,12 +240,17 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
             "unsupported_format",
             f"image format {img.format} is not supported (use one of: {', '.join(sorted(SUPPORTED_FORMATS))})",
         )
-    width, height = img.size
+    canvas = width, height = img.size
     if width < 1 or height < 1:
         raise ImageError("corrupt", f"image has an empty canvas ({width}x{height})")
-    if width * height > max_pixels:
-        raise ImageError("too_many_pixels", f"image is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}")
-    return img
+    if draft_to and img.format in _DRAFTABLE and min(width, height) >= 2 * draft_to:
+        img.draft(img.mode, (draft_to, draft_to))  # same mode: the colour conversion stays Pillow's
+    decoded = img.size[0] * img.size[1]
+    if decoded > max_pixels:
+        scaled = f", {img.size[0]}x{img.size[1]} at the reduced scale it decodes at" if img.size != canvas else ""
+        raise ImageError("too_many_pixels", f"image is {width}x{height} = {width * height} pixels{scaled}, more than "
+                         f"the limit of {max_pixels} (CLASSIFIER_MAX_IMAGE_PIXELS); scale it down or send a JPEG")
+    return img, canvas
 
 
 def _composite_alpha(img: Image.Image) -> Image.Image:
@@ -227,8 +283,12 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return img
 
 
-def decode_image(data: bytes, channels: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(data: bytes, channels: int, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 draft_to: int | None = None) -> Image.Image:
     """Decode ``data`` into a fully loaded ``PIL.Image`` of mode ``L`` (channels=1) or ``RGB`` (channels=3).
+
+    ``draft_to``: a JPEG at least twice that many pixels on each side decodes at the smallest of
+    1/2, 1/4, 1/8 scale that keeps both sides >= ``draft_to``.
 
     Raises :class:`ImageError` for empty input, non-images, formats outside
     :data:`SUPPORTED_FORMATS`, images over ``max_pixels``, truncated or otherwise corrupt files.
@@ -239,12 +299,12 @@ def decode_image(data: bytes, channels: int, *, max_pixels: int = DEFAULT_MAX_PI
         raise ImageError("empty", "the file is empty")
     data = bytes(data)
     # integrity check: verify() walks the file without decoding; the image must be reopened after it
-    img = _open(data, max_pixels)
+    img, _ = _open(data, max_pixels, draft_to)
     try:
         img.verify()
     except Exception as err:
         raise _load_error(err) from err
-    img = _open(data, max_pixels)
+    img, _ = _open(data, max_pixels, draft_to)
     try:
         img.load()  # a freshly opened image sits on its first frame (animations, multi-page TIFF)
     except Exception as err:
@@ -297,8 +357,9 @@ def image_to_array(
     resample: str = "bilinear",
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
-    """Encoded image bytes -> ``uint8 [channels, size, size]`` (decode, resize, layout)."""
-    img = decode_image(data, channels, max_pixels=max_pixels)
+    """Encoded image bytes -> ``uint8 [channels, size, size]`` (decode, resize, layout). Large JPEGs
+    decode at reduced scale, down to ``DRAFT_OVERSAMPLE x size`` per side."""
+    img = decode_image(data, channels, max_pixels=max_pixels, draft_to=DRAFT_OVERSAMPLE * size)
     return to_chw_uint8(resize_image(img, size, resample))
 
 

@@ -30,17 +30,18 @@ Errors are JSON: ``{"error": message, "reason": code, "status": http_status, "fi
 import asyncio
 import base64
 import binascii
+import functools
 import gc
 import hmac
-import json
 import logging
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+import threading
 from typing import Any, Optional
 
-import anyio
 import numpy as np
 from pydantic import BaseModel, Field
 from starlette.applications import Starlette
@@ -50,13 +51,16 @@ from starlette.routing import Route
 
 import bentoml
 from service.batcher import MicroBatcher, Overloaded
+from service.bodies import BadValue, load_json, quote, top_k_value
 from service.config import ServiceConfig
+from service.decoding import INLINE_PIXELS, DecodeBudget, DecodeBusy, DecodePool, canvas_pixels
 from service.engine import OnnxClassifier
 from service.follower import AliasFollower, Unservable
-from service.limits import ConnectionRecycleMiddleware, RequestSizeLimitMiddleware
+from service.limits import (CancelOnDisconnectMiddleware, ConnectionRecycleMiddleware, JsonErrorsMiddleware,
+                            RequestSizeLimitMiddleware)
 from service.model_source import (MODEL_FILE, REGISTRY_KEYS, NoModelForAlias, Selection, pointer_file,
                                   read_pointers, select_model)
-from service.patches import patch_timeout_middleware
+from service.patches import patch_concurrency_limit, patch_metrics_paths, patch_timeout_middleware
 from service.postprocessing import predictions
 from service.preprocessing import ImageError, PreprocessSpec, image_to_array, normalize
 from service.shadow import Shadow
@@ -64,6 +68,7 @@ from service.ui import ServerTimingMiddleware, ui_routes
 
 CONFIG = ServiceConfig.from_env()
 patch_timeout_middleware()  # BentoML's per-request timeout timers otherwise live for the whole timeout
+patch_concurrency_limit()  # its 429 in the API's error shape, with Retry-After
 SOURCE_DIR = Path(__file__).resolve().parent.parent  # the project (or the Bento's src/) folder
 try:  # at import: what `bentoml build` pins and what a worker serves unless it runs from a Bento
     SELECTION: Optional[Selection] = select_model(CONFIG.model_name, CONFIG.model_version, CONFIG.model_alias,
@@ -88,9 +93,13 @@ def worker_selection() -> Optional[Selection]:
 #: seconds the registry -> store sync (python -m pipeline.serving: download, check, store) may take
 SYNC_TIMEOUT_S = 600
 FIELD = "images"
-#: requests whose files total at most this many bytes are decoded on the event loop (a 28x28 PNG
-#: decodes in ~30 us, less than handing it to a thread); larger ones go to a thread pool
-INLINE_DECODE_BYTES = 64 * 1024
+#: pixels the decode threads may hold, queued or running, in maximal requests (DecodeBudget.request_pixels):
+#: 8 x 16.8 MP (a 28x28 model's default) is ~1.3 s of lossless-WebP decoding (~9 ns per pixel)
+DECODE_QUEUE_REQUESTS = 8
+#: seconds between checks for a stuck model call; seconds a worker answers 503 before it exits
+WATCHDOG_INTERVAL_S, STUCK_EXIT_S = 1.0, 2.0
+#: exit status of a worker whose model call is stuck (circus, or the container's orchestrator, restarts it)
+EXIT_MODEL_STUCK = 70
 
 logger = logging.getLogger("bentoml.classifier")
 
@@ -141,19 +150,11 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-def _parse_top_k(raw: Any) -> "int | None | Rejection":
-    if raw is None or raw == "":
-        return None
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError:
-            pass
-    if raw is None:
-        return None
-    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
-        return Rejection(400, f"top_k must be a positive integer, got {raw!r}", "bad_top_k")
-    return raw
+def _parse_top_k(raw: Any, from_form: bool) -> "int | None | Rejection":
+    try:
+        return top_k_value(raw, from_form)
+    except BadValue as err:
+        return Rejection(400, err.message, err.reason)
 
 
 def _too_many(count: int) -> Rejection:
@@ -189,7 +190,8 @@ class ClassifyMultipart(bentoml.IODescriptor):
             message = getattr(err, "detail", None) or getattr(err, "message", None) or str(err) or type(err).__name__
             if "too many files" in str(message).lower():
                 return cls.model_construct(images=_too_many(CONFIG.max_images + 1), top_k=None)
-            return cls.model_construct(images=Rejection(400, f"malformed multipart body: {message}", "bad_multipart"), top_k=None)
+            return cls.model_construct(images=Rejection(400, f"malformed multipart body: {quote(str(message), 200)}",
+                                                        "bad_multipart"), top_k=None)
         uploads: list[Upload] = []
         top_k: Any = None
         for key, value in form.multi_items():
@@ -204,12 +206,12 @@ class ClassifyMultipart(bentoml.IODescriptor):
                 top_k = value
             else:
                 return cls.model_construct(images=Rejection(
-                    400, f"unexpected form field {key!r}; send files in the repeatable field '{FIELD}'", "unexpected_field",
-                    field=key), top_k=None)
+                    400, f"unexpected form field {quote(key)}; send files in the repeatable field '{FIELD}'",
+                    "unexpected_field", field=key[:MAX_NAME_CHARS]), top_k=None)
         if not uploads:
             return cls.model_construct(images=Rejection(
                 400, f"no files: send one or more images in the multipart field '{FIELD}'", "no_images"), top_k=None)
-        return cls.model_construct(images=uploads, top_k=_parse_top_k(top_k))
+        return cls.model_construct(images=uploads, top_k=_parse_top_k(top_k, from_form=True))
 
 
 class ClassifyBase64(bentoml.IODescriptor):
@@ -231,14 +233,14 @@ class ClassifyBase64(bentoml.IODescriptor):
         except Exception as err:  # client went away, or the size limit tripped (the middleware answers 413)
             return reject(400, f"cannot read the request body: {type(err).__name__}", "bad_body")
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            return reject(400, f"body is not valid JSON: {err}", "bad_json")
+            body = load_json(raw, CONFIG.max_images)
+        except BadValue as err:
+            return reject(400, err.message, err.reason)
         if not isinstance(body, dict) or not isinstance(body.get(FIELD), list):
             return reject(400, f'body must be a JSON object {{"{FIELD}": ["<base64>", ...]}}', "bad_json")
         unexpected = sorted(set(body) - {FIELD, "top_k"})
         if unexpected:
-            return reject(400, f"unexpected key(s) {unexpected}", "unexpected_field")
+            return reject(400, f"unexpected key(s) {quote(unexpected, 120)}", "unexpected_field")
         items = body[FIELD]
         if not items:
             return reject(400, f"'{FIELD}' is empty: send one or more base64 images", "no_images")
@@ -257,9 +259,9 @@ class ClassifyBase64(bentoml.IODescriptor):
                 altchars = b"-_" if ("-" in text or "_" in text) else None
                 data = base64.b64decode(text + "=" * (-len(text) % 4), altchars=altchars, validate=True)
             except (binascii.Error, ValueError) as err:
-                return reject(400, f"{name} is not valid base64: {err}", "bad_base64", file=name, index=index)
+                return reject(400, f"{name} is not valid base64: {quote(str(err), 120)}", "bad_base64", file=name, index=index)
             uploads.append(Upload(index, name, data))
-        top_k = _parse_top_k(body.get("top_k"))
+        top_k = _parse_top_k(body.get("top_k"), from_form=False)
         return cls.model_construct(images=uploads, top_k=top_k)
 
 
@@ -415,6 +417,10 @@ def make_follower(alias: str, serving: Optional[dict], swap: Any, load: Any, reg
         on_event=lambda event: MODEL_EVENTS.labels(alias=alias, event=event).inc())
 
 
+class ModelStuck(Exception):
+    """The worker's model call has not returned within CLASSIFIER_MODEL_STALL_S."""
+
+
 class Slot:
     """One loaded model and its micro-batcher. A request keeps the slot it started on, so a swap
     never changes the model under a request that is already running."""
@@ -422,6 +428,7 @@ class Slot:
     def __init__(self, engine: Any, description: dict, max_latency_ms: float) -> None:
         self.engine, self.description = engine, description
         self.spec: PreprocessSpec = engine.spec  # read from the model's metadata (service.engine)
+        self.budget = DecodeBudget.for_model(self.spec, CONFIG.max_image_pixels, CONFIG.max_request_pixels)
         self.batcher = MicroBatcher(engine.logits, CONFIG.max_batch_size, max_latency_ms, on_batch=BATCH_SIZE.observe)
         version = description.get("registry_version") or description.get("model_version")
         self.headers = {"X-Model-Version": str(version), "X-Model-Tag": str(description.get("model_tag"))}
@@ -530,9 +537,33 @@ class Classifier:
 
     @bentoml.on_startup
     async def _follow(self) -> None:
+        loop = asyncio.get_running_loop()
         for follower in (self.follower, self.shadow_follower):
             if follower is not None:
-                self._tasks.append(asyncio.get_running_loop().create_task(follower.run(), name=f"follow-{follower.alias}"))
+                self._tasks.append(loop.create_task(follower.run(), name=f"follow-{follower.alias}"))
+        if CONFIG.model_stall_s > 0:
+            self._tasks.append(loop.create_task(self._watch_model(), name="model-watchdog"))
+
+    async def _watch_model(self) -> None:
+        """Detect a model call that never returns (it cannot be interrupted: ONNX Runtime holds its
+        thread): stop reporting ready, fail the waiting requests with 503, and exit so that the
+        worker is replaced (circus respawns it; in a container the orchestrator restarts the server)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(WATCHDOG_INTERVAL_S)
+            seconds = self._slot.batcher.running_for(loop.time())
+            if seconds > CONFIG.model_stall_s:
+                break
+        self.stuck = (f"a model call has run for {seconds:.0f} s (> CLASSIFIER_MODEL_STALL_S={CONFIG.model_stall_s:g}); "
+                      "this worker is being replaced")
+        logger.error("MODEL STUCK: %s; exiting in %.0f s with status %d", self.stuck, STUCK_EXIT_S, EXIT_MODEL_STUCK)
+        MODEL_EVENTS.labels(alias=getattr(self.selection, "alias", None) or "", event="stuck").inc()
+        self._slot.batcher.abandon(ModelStuck(self.stuck))
+        loop.call_later(STUCK_EXIT_S, os._exit, EXIT_MODEL_STUCK)  # a stuck thread would block a clean exit
+
+    def __is_ready__(self) -> bool:
+        """/readyz: 503 once the model is stuck (the worker is about to exit)."""
+        return self.stuck is None
 
     @bentoml.on_shutdown
     async def _stop_following(self) -> None:
@@ -546,7 +577,8 @@ class Classifier:
         described by ``description``."""
         self._max_latency_ms = CONFIG.max_latency_ms if max_latency_ms is None else max_latency_ms
         self._slot = Slot(engine, description, self._max_latency_ms)
-        self._decode_limiter: Optional[anyio.CapacityLimiter] = None
+        self._decode_pool: Optional[DecodePool] = None
+        self.stuck: Optional[str] = None  # why the worker stopped serving (a stuck model call)
         for name in ("selection", "follower", "shadow", "shadow_follower"):  # set by __init__; absent for a bare _start
             setattr(self, name, getattr(self, name, None))
         self._tasks = getattr(self, "_tasks", [])
@@ -570,22 +602,53 @@ class Classifier:
     def batcher(self) -> MicroBatcher:
         return self._slot.batcher
 
-    def _decode(self, uploads: list, spec: PreprocessSpec) -> tuple[list, list]:
+    def _decode(self, uploads: list, spec: PreprocessSpec, budget: DecodeBudget,
+                cancelled: Optional[threading.Event] = None) -> tuple[list, list]:
+        """Every upload -> ``uint8 [C, H, W]``, or its error entry; stops early once ``cancelled``."""
         arrays, errors = [], []
         for upload in uploads:
+            if cancelled is not None and cancelled.is_set():
+                break  # nobody waits for the result any more
             try:
-                arrays.append(image_to_array(
-                    upload.data, channels=spec.channels, size=spec.image_size, resample=spec.resize,
-                    max_pixels=CONFIG.max_image_pixels,
-                ))
+                arrays.append(image_to_array(upload.data, channels=spec.channels, size=spec.image_size,
+                                             resample=spec.resize, max_pixels=budget.image_pixels))
             except ImageError as err:
-                errors.append({"index": upload.index, "file": upload.name, "reason": err.reason,
-                               "status": err.status, "error": err.message})
+                errors.append(_image_error(upload, err))
             except Exception as err:  # never let a decoder bug become a 500 for one bad file
                 logger.exception("unexpected error decoding %s", upload.name)
                 errors.append({"index": upload.index, "file": upload.name, "reason": "corrupt",
                                "status": 400, "error": f"cannot decode image: {type(err).__name__}: {err}"})
         return arrays, errors
+
+    async def _decode_request(self, uploads: list, slot: Slot) -> "list[np.ndarray] | JSONResponse":
+        """The request's images decoded within the slot's budget (service.decoding), or the error."""
+        budget = slot.budget
+        headers = budget.headers([u.data for u in uploads])
+        errors = [_image_error(u, h) for u, h in zip(uploads, headers) if isinstance(h, ImageError)]
+        if errors:
+            return _errors_response(errors, len(uploads))
+        total = budget.over_request_budget(headers)
+        if total:
+            return error_response(413, f"the request's images decode to {total} pixels, more than the limit of "
+                                  f"{budget.request_pixels} per request (CLASSIFIER_MAX_REQUEST_PIXELS); split it",
+                                  "too_many_pixels", limit=budget.request_pixels)
+        cost = canvas_pixels(headers)
+        if cost <= INLINE_PIXELS:
+            arrays, errors = self._decode(uploads, slot.spec, budget)  # cheaper than a thread hop
+        else:
+            try:
+                arrays, errors = await self._pool().run(
+                    functools.partial(self._decode, uploads, slot.spec, budget), cost,
+                    DECODE_QUEUE_REQUESTS * budget.request_pixels)
+            except DecodeBusy as err:
+                return error_response(503, f"this worker is busy decoding large images ({err}); retry later",
+                                      "decode_busy", headers={"Retry-After": "1"})
+        return _errors_response(errors, len(uploads)) if errors else arrays
+
+    def _pool(self) -> DecodePool:
+        if self._decode_pool is None:
+            self._decode_pool = DecodePool(max(1, CONFIG.cpu_count // max(1, CONFIG.workers)))
+        return self._decode_pool
 
     async def _infer(self, batch: np.ndarray, slot: Optional[Slot] = None) -> "np.ndarray | JSONResponse":
         slot = slot or self._slot
@@ -598,6 +661,8 @@ class Classifier:
             return error_response(
                 503, f"the model server is overloaded ({err}; CLASSIFIER_MAX_LATENCY_MS={CONFIG.max_latency_ms}); "
                 "retry later", "overloaded", headers={"Retry-After": "1"})
+        except ModelStuck as err:
+            return _stuck_response(str(err))
         MODEL_SECONDS.labels(model="champion").observe(time.perf_counter() - started)
         return np.concatenate(parts, axis=0) if parts else np.zeros((0, 0), np.float32)
 
@@ -610,18 +675,9 @@ class Classifier:
         if len(uploads) > CONFIG.max_images:
             return _too_many(len(uploads)).response()
         spec = slot.spec
-        if sum(len(u.data) for u in uploads) <= INLINE_DECODE_BYTES:
-            arrays, errors = self._decode(uploads, spec)  # cheaper than a thread hop
-        else:
-            if self._decode_limiter is None:
-                self._decode_limiter = anyio.CapacityLimiter(max(1, CONFIG.cpu_count))
-            arrays, errors = await anyio.to_thread.run_sync(self._decode, uploads, spec, limiter=self._decode_limiter)
-        if errors:
-            first = errors[0]
-            summary = "1 image" if len(errors) == 1 else f"{len(errors)} of {len(uploads)} images"
-            return error_response(
-                first["status"], f"{summary} could not be used; first: {first['file']}: {first['error']}",
-                first["reason"], file=first["file"], index=first["index"], errors=errors)
+        arrays = await self._decode_request(uploads, slot)
+        if isinstance(arrays, JSONResponse):
+            return arrays
         batch = normalize(np.stack(arrays), spec.mean, spec.std)
         logits = await self._infer(batch, slot)
         if isinstance(logits, JSONResponse):
@@ -632,6 +688,8 @@ class Classifier:
         return predictions(logits, spec.classes, k)
 
     async def _answer(self, images: Any, top_k: Any) -> Any:
+        if self.stuck is not None:
+            return _stuck_response(self.stuck)
         slot = self._slot  # this request's model, whatever a swap does meanwhile
         slot.users += 1
         try:
@@ -677,7 +735,10 @@ class Classifier:
             "limits": {
                 "max_images": CONFIG.max_images,
                 "max_request_bytes": CONFIG.max_request_bytes,
-                "max_image_pixels": CONFIG.max_image_pixels,
+                "max_image_pixels": self._slot.budget.image_pixels,
+                "max_request_pixels": self._slot.budget.request_pixels,
+                "jpeg_draft_to": self._slot.budget.draft_to,
+                "model_stall_s": CONFIG.model_stall_s,
                 "max_concurrency": CONFIG.max_concurrency,
                 "request_timeout_s": CONFIG.request_timeout_s,
             },
@@ -692,13 +753,32 @@ class Classifier:
                 "registry_version": model.get("registry_version"), "follow": self.shadow_follower.status}
 
 
+def _image_error(upload: Upload, err: ImageError) -> dict:
+    return {"index": upload.index, "file": upload.name, "reason": err.reason, "status": err.status, "error": err.message}
+
+
+def _errors_response(errors: list[dict], count: int) -> JSONResponse:
+    """One answer for a request with bad images: the first one's status and reason, every entry listed."""
+    first = errors[0]
+    summary = "1 image" if len(errors) == 1 else f"{len(errors)} of {count} images"
+    return error_response(first["status"], f"{summary} could not be used; first: {first['file']}: {first['error']}",
+                          first["reason"], file=first["file"], index=first["index"], errors=errors)
+
+
+def _stuck_response(why: str) -> JSONResponse:
+    return error_response(503, f"the model is not answering: {why}; retry on another worker", "model_stuck",
+                          headers={"Retry-After": "5"})
+
+
 def _record_shadow(outcome: str, images: int, seconds: Optional[float]) -> None:
     SHADOW_IMAGES.labels(outcome=outcome).inc(images)
     if seconds is not None:
         MODEL_SECONDS.labels(model="shadow").observe(seconds)
 
 
+Classifier.add_asgi_middleware(JsonErrorsMiddleware)  # routing's 404/405 and BentoML's errors in the API's shape
 Classifier.add_asgi_middleware(RequestSizeLimitMiddleware, max_bytes=CONFIG.max_request_bytes)
+Classifier.add_asgi_middleware(CancelOnDisconnectMiddleware)  # a gone client's decoding and model work is dropped
 if CONFIG.workers > 1:  # spread keep-alive connections over the workers (see the middleware)
     Classifier.add_asgi_middleware(ConnectionRecycleMiddleware, every=CONFIG.keepalive_requests)
 Classifier.add_asgi_middleware(ServerTimingMiddleware)  # Server-Timing: app;dur=<ms> (shown by /ui)
@@ -723,3 +803,8 @@ def _fix_media_types(*services: Any) -> None:
 
 
 _fix_media_types(Classifier)
+
+#: paths with their own /metrics label; any other path is counted as `other` (service.patches)
+SERVED_PATHS = frozenset({*(api.route for api in Classifier.apis.values()), *(r.path for r in _metadata_app.routes),
+                          "/", "/docs", "/docs.json", "/schema.json", "/metrics", "/livez", "/readyz", "/healthz"})
+patch_metrics_paths(SERVED_PATHS.__contains__)

@@ -144,6 +144,45 @@ def build_slow_onnx_model(path: Path) -> Path:
     return export_with_contract(torch, onnx, model, path, "slowcnn")
 
 
+def build_stuck_onnx_model(source: Path, path: Path) -> Path:
+    """``source`` with a trap: an input whose mean is above 2 (an all-white MNIST image normalizes
+    to 2.82) runs an ONNX ``Loop`` of ~10^12 empty iterations, a model call that never returns;
+    the warm-up's zeros and real digits (mean ~0) run it zero times. For the stuck-call tests."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    proto = onnx.load(str(source))
+    graph = proto.graph
+    (logits,) = [o for o in graph.output if o.name == "logits"]
+    for node in graph.node:  # the original graph now ends in "logits_raw"
+        node.output[:] = ["logits_raw" if out == "logits" else out for out in node.output]
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Identity", ["acc_in"], ["acc_out"])],
+        "spin", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [])])
+    const = [helper.make_tensor(name, TensorProto.FLOAT if name != "yes" else TensorProto.BOOL, [], [value])
+             for name, value in (("two", 2.0), ("trip_scale", 1e12), ("zero", 0.0), ("yes", True))]
+    graph.initializer.extend(const)
+    graph.node.extend([
+        helper.make_node("ReduceMean", ["input"], ["mean"], keepdims=0),
+        helper.make_node("Sub", ["mean", "two"], ["excess"]),
+        helper.make_node("Relu", ["excess"], ["over"]),
+        helper.make_node("Mul", ["over", "trip_scale"], ["trips_f"]),
+        helper.make_node("Cast", ["trips_f"], ["trips"], to=TensorProto.INT64),
+        helper.make_node("Loop", ["trips", "yes", "zero"], ["spun"], body=body),
+        helper.make_node("Mul", ["spun", "zero"], ["nothing"]),
+        helper.make_node("Add", ["logits_raw", "nothing"], ["logits"]),
+    ])
+    del graph.output[:]
+    graph.output.append(logits)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    return path
+
+
 def store_in_bento_home(onnx_path: Path, home: Path, alias: str = "champion", version: str = "7") -> str:
     """``onnx_path`` as ``image-classifier`` (registry version 7) in ``home``, with the store's
     ``alias`` pointing at it (as the package stage leaves it); its tag."""

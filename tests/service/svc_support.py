@@ -126,3 +126,18 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+
+
+def workers(proc: subprocess.Popen) -> dict[str, list]:
+    """The serve process' worker children (psutil.Process) by service name."""
+    import psutil
+
+    out: dict[str, list] = {"image-classifier": []}
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            cmd = child.cmdline()
+        except psutil.Error:
+            continue
+        if "--service-name" in cmd:
+            out.setdefault(cmd[cmd.index("--service-name") + 1], []).append(child)
+    return out

@@ -32,7 +32,7 @@ import pytest
 from PIL import Image
 
 import svc_images
-from svc_support import REPO, SERVER_ENV, cuda_usable, free_port, run_in_bento_home, serve, stop
+from svc_support import REPO, SERVER_ENV, cuda_usable, free_port, run_in_bento_home, serve, stop, workers
 
 httpx = pytest.importorskip("httpx")
 psutil = pytest.importorskip("psutil")
@@ -213,19 +213,6 @@ class Load:
     def failures(self) -> list[Call]:
         with self.lock:
             return [c for c in self.calls if c.status != 200]
-
-
-def workers(proc: subprocess.Popen) -> dict[str, list[psutil.Process]]:
-    """The serve process' worker children by service name."""
-    out: dict[str, list[psutil.Process]] = {"image-classifier": []}
-    for child in psutil.Process(proc.pid).children(recursive=True):
-        try:
-            cmd = child.cmdline()
-        except psutil.Error:
-            continue
-        if "--service-name" in cmd:
-            out.setdefault(cmd[cmd.index("--service-name") + 1], []).append(child)
-    return out
 
 
 def kill_one_under_load(srv, load: Load, service: str, probes: list) -> dict:

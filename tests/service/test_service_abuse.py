@@ -1,0 +1,256 @@
+"""Crafted traffic against a real `bentoml serve`: bounded parsing, the decode budget, abandoned work,
+metrics labels, the 429 shape and a stuck model call (issue 13). Each test failed on the code before
+these defences (noted per test)."""
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+import uuid
+from urllib.parse import urlparse
+
+import httpx
+import psutil
+import pytest
+from PIL import Image
+
+from conftest import build_stuck_onnx_model, store_in_bento_home
+from svc_support import serve, workers
+
+pytestmark = pytest.mark.slow
+
+
+def encode(size: tuple[int, int], fmt: str, value: int = 255, **params) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", size, value).save(buf, fmt, **params)
+    return buf.getvalue()
+
+
+PNG = encode((28, 28), "PNG", 0)
+#: 1.6 KB that decodes to 40 MP (~0.4 s of CPU each)
+WEBP_BOMB = encode((6400, 6250), "WEBP", lossless=True)
+WEBP_4MP = encode((2000, 2000), "WEBP", lossless=True)
+
+
+def post_images(url: str, blobs: list[bytes], **kw) -> httpx.Response:
+    files = [("images", (f"{i}.img", data)) for i, data in enumerate(blobs)]
+    return httpx.post(f"{url}/classify", files=files, timeout=60, **kw)
+
+
+def assert_error(resp: httpx.Response, status: int, reason: str, max_bytes: int = 2048) -> dict:
+    assert resp.status_code == status, resp.text[:500]
+    assert len(resp.content) <= max_bytes, f"{len(resp.content)} bytes of error"
+    body = resp.json()
+    assert (body["status"], body["reason"]) == (status, reason), body
+    return body
+
+
+# --- bounded parsing (before: HTTP 500 from BentoML's generic handler, or a 6 MB echo) -------------
+
+def post_json(url: str, raw: bytes) -> httpx.Response:
+    return httpx.post(f"{url}/classify_base64", content=raw, headers={"content-type": "application/json"}, timeout=30)
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (b'{"images": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "bad_json"),
+    (b'{"images": [[[[[[[[[[[[[[[[[[[[["a"]]]]]]]]]]]]]]]]]]]]]}', "bad_json"),
+    (b'{"images": ["aa"], "top_k": ' + b"9" * 5_000 + b"}", "bad_json"),
+    (b'{"images": ["aa"], "top_k": NaN}', "bad_json"),
+    (b'{"images": ["aa"], "top_k": [' + b",".join(b"1" for _ in range(2_000_000)) + b"]}", "bad_json"),
+    (b'{"images": ["aa"], "top_k": [1, 2, 3]}', "bad_top_k"),
+    (b'{"images": ["aa"], "' + b"k" * 100_000 + b'": 1}', "unexpected_field"),
+], ids=["nested-100k", "nested-21", "int-5000-digits", "nan", "list-2M", "list-3", "long-key"])
+def test_json_values_are_bounded(server, raw, reason):
+    assert_error(post_json(server.url, raw), 400, reason)
+
+
+@pytest.mark.parametrize("top_k", ["[" * 5_000 + "]" * 5_000, "1" + "0" * 30, "-1", "1.5", "x" * 50_000])
+def test_form_values_are_bounded(server, top_k):
+    resp = httpx.post(f"{server.url}/classify", files=[("images", ("a.png", PNG))], data={"top_k": top_k}, timeout=30)
+    assert_error(resp, 400, "bad_top_k")
+
+
+def test_unknown_paths_get_the_error_shape(server):
+    assert_error(httpx.get(f"{server.url}/no/such/{uuid.uuid4().hex}"), 404, "not_found")
+    assert_error(httpx.get(f"{server.url}/classify"), 405, "method_not_allowed")
+
+
+# --- /metrics labels (before: one series per random URL) -------------------------------------------
+
+def test_random_urls_share_one_metrics_label(server):
+    marker = uuid.uuid4().hex
+    for i in range(30):
+        httpx.get(f"{server.url}/{marker}/{i}")
+    assert httpx.post(f"{server.url}/classify", files=[("images", ("a.png", PNG))]).status_code == 200
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert marker not in metrics
+    assert 'endpoint="other"' in metrics and 'endpoint="/classify"' in metrics
+
+
+# --- the decode budget (before: 30 bombs decoded for ~12 s, ordinary requests queued into 503s) -----
+
+def test_bombs_are_refused_from_the_header_quickly(server):
+    started = time.monotonic()
+    body = assert_error(post_images(server.url, [WEBP_BOMB] * 30), 413, "too_many_pixels", max_bytes=20_000)
+    assert time.monotonic() - started < 2.0  # decoding them took ~12 s of CPU
+    assert len(body["errors"]) == 30
+    # the per-request budget: each image fits, together they do not (SERVER_ENV: 4 MP per image)
+    limits = httpx.get(f"{server.url}/metadata").json()["limits"]
+    assert limits["max_request_pixels"] == 4 * limits["max_image_pixels"]
+    assert_error(post_images(server.url, [encode((1990, 2000), "PNG")] * 5), 413, "too_many_pixels")
+
+
+def test_large_jpeg_decodes_at_reduced_scale(server):
+    """A 48 MP camera JPEG is over the 4 MP limit as a canvas, but decodes at 1/8 scale (0.75 MP)."""
+    photo = encode((8000, 6000), "JPEG", 200, quality=80)
+    resp = post_images(server.url, [photo])
+    assert resp.status_code == 200, resp.text[:300]
+    assert_error(post_images(server.url, [encode((8000, 6000), "PNG", 200)]), 413, "too_many_pixels")
+
+
+def test_ordinary_requests_succeed_during_a_flood_of_large_images(server):
+    stop, abusive, ordinary = threading.Event(), [], []
+
+    def flood() -> None:
+        with httpx.Client(timeout=60) as client:
+            while not stop.is_set():
+                files = [("images", (f"{i}.webp", WEBP_4MP)) for i in range(4)]
+                started = time.monotonic()
+                status = client.post(f"{server.url}/classify", files=files).status_code
+                abusive.append((status, time.monotonic() - started))
+
+    threads = [threading.Thread(target=flood, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        with httpx.Client(timeout=30) as client:
+            for _ in range(40):
+                ordinary.append(client.post(f"{server.url}/classify", files=[("images", ("a.png", PNG))]).status_code)
+                time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert ordinary == [200] * 40, ordinary
+    assert abusive and {s for s, _ in abusive} <= {200, 503}, abusive
+    assert max(seconds for _, seconds in abusive) < 10, abusive  # answered, never queued into a timeout
+
+
+# --- abandoned work, the 429 shape (a server whose decoding is slow on purpose) ---------------------
+
+HEAVY_ENV = {"CLASSIFIER_WORKERS": "1", "CLASSIFIER_MAX_IMAGE_PIXELS": "40000000",
+             "CLASSIFIER_MAX_REQUEST_PIXELS": "2000000000", "CLASSIFIER_MAX_CONCURRENCY": "2",
+             "CLASSIFIER_REQUEST_TIMEOUT_S": "3"}
+
+
+@pytest.fixture(scope="module")
+def heavy(bento_home, tmp_path_factory):
+    """One worker that accepts 40 MP images: 30 bombs keep it decoding for ~12 s."""
+    home, tag = bento_home
+    with serve(home, tmp_path_factory.mktemp("heavy") / "serve.log", tag, HEAVY_ENV) as srv:
+        (srv.worker,) = workers(srv.proc)["image-classifier"]
+        yield srv
+
+
+def multipart_bombs(count: int) -> tuple[bytes, str]:
+    boundary = "bomb-boundary"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="{i}.webp"\r\n\r\n'.encode()
+             + WEBP_BOMB + b"\r\n" for i in range(count)]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), boundary
+
+
+def cpu_seconds(proc: psutil.Process, window_s: float) -> float:
+    before = sum(proc.cpu_times()[:2])
+    time.sleep(window_s)
+    return sum(proc.cpu_times()[:2]) - before
+
+
+def send_and_leave(url: str, body: bytes, boundary: str, stay_s: float) -> None:
+    host, port = urlparse(url).hostname, urlparse(url).port
+    with socket.create_connection((host, port)) as sock:
+        head = (f"POST /classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        sock.sendall(head + body)
+        time.sleep(stay_s)
+
+
+def test_decoding_stops_when_the_client_leaves(heavy):
+    """Before: the worker went on decoding for ~12 s after the client closed the connection."""
+    body, boundary = multipart_bombs(30)
+    assert cpu_seconds(heavy.worker, 0.5) < 0.3  # idle to begin with
+    send_and_leave(heavy.url, body, boundary, stay_s=0.8)
+    time.sleep(1.0)  # the image being decoded when the client left finishes (~0.4 s)
+    assert cpu_seconds(heavy.worker, 2.0) < 0.4, "the worker kept decoding for a client that left"
+    assert httpx.get(f"{heavy.url}/readyz").status_code == 200
+
+
+def test_decoding_stops_when_the_request_times_out(heavy):
+    body, boundary = multipart_bombs(30)
+    started = time.monotonic()
+    resp = httpx.post(f"{heavy.url}/classify", content=body, timeout=30,
+                      headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert_error(resp, 504, "timeout")
+    assert time.monotonic() - started < 6
+    time.sleep(0.8)
+    assert cpu_seconds(heavy.worker, 2.0) < 0.4, "the worker kept decoding after answering 504"
+
+
+def test_too_many_requests_answer_in_the_error_shape(heavy):
+    body, boundary = multipart_bombs(30)
+    leavers = [threading.Thread(target=send_and_leave, args=(heavy.url, body, boundary, 2.5)) for _ in range(2)]
+    for t in leavers:
+        t.start()
+    time.sleep(1.0)  # both are being decoded / waiting: the worker's two slots are taken
+    resp = post_images(heavy.url, [PNG])
+    for t in leavers:
+        t.join()
+    body_ = assert_error(resp, 429, "too_many_requests")
+    assert resp.headers["retry-after"] == "1" and "CLASSIFIER_MAX_CONCURRENCY" in body_["error"]
+
+
+# --- a stuck model call (before: requests waited for the 30 s timeout; the worker stayed "ready") --
+
+WHITE = encode((28, 28), "PNG", 255)  # normalizes to 2.82 everywhere: the stuck model's trap
+
+
+def test_a_stuck_model_call_is_detected_and_the_worker_replaced(tiny_onnx_model, tmp_path):
+    home = tmp_path / "home"
+    tag = store_in_bento_home(build_stuck_onnx_model(tiny_onnx_model, tmp_path / "stuck.onnx"), home)
+    env = {"CLASSIFIER_WORKERS": "1", "CLASSIFIER_MODEL_STALL_S": "2", "CLASSIFIER_REQUEST_TIMEOUT_S": "20"}
+    with serve(home, tmp_path / "serve.log", tag, env) as srv:
+        assert post_images(srv.url, [PNG]).status_code == 200
+        (before,) = workers(srv.proc)["image-classifier"]
+        outcome: dict = {}
+        trap = threading.Thread(target=lambda: outcome.update(trap=post_images(srv.url, [WHITE])))
+        trap.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        waiting = post_images(srv.url, [PNG])  # queued behind the stuck call
+        trap.join(timeout=30)
+        assert_error(outcome["trap"], 503, "model_stuck")
+        assert_error(waiting, 503, "model_stuck")
+        assert time.monotonic() - started < 8, "waited for the request timeout instead"
+        seen = readyz_after_restart(srv.url)
+        assert seen[0] in (503, "down") and seen[-1] == 200, seen  # not ready while stuck, then replaced
+        (after,) = workers(srv.proc)["image-classifier"]
+        assert after.pid != before.pid
+        assert post_images(srv.url, [PNG]).status_code == 200
+        assert "MODEL STUCK" in srv.log()
+
+
+def readyz_after_restart(url: str, timeout_s: float = 60) -> list:
+    """/readyz answers, deduplicated in order, until it is 200 again."""
+    seen: list = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            status = httpx.get(f"{url}/readyz", timeout=2).status_code
+        except httpx.HTTPError:
+            status = "down"
+        if not seen or seen[-1] != status:
+            seen.append(status)
+        if status == 200:
+            break
+        time.sleep(0.2)
+    return seen
