@@ -60,6 +60,8 @@ ENV_VARS: dict[str, tuple[str, str]] = {
                                  "reporting ready, answers 503 `model_stuck` and exits so that it is restarted; 0 = never"),
     "CLASSIFIER_MAX_CONCURRENCY": ("64", "requests in flight per worker before answering 429"),
     "CLASSIFIER_REQUEST_TIMEOUT_S": ("30", "per-request timeout in seconds (-> 504)"),
+    "CLASSIFIER_BODY_TIMEOUT_S": ("10", "seconds a client may take to send its whole request body (-> 408): a slow "
+                                  "client holds one of the worker's CLASSIFIER_MAX_CONCURRENCY slots meanwhile"),
 }
 
 
@@ -127,6 +129,7 @@ class ServiceConfig:
     model_stall_s: float = 20.0
     max_concurrency: int = 64
     request_timeout_s: int = 30
+    body_timeout_s: float = 10.0
     cpu_count: int = field(default_factory=lambda: os.cpu_count() or 1)
 
     @property
@@ -181,5 +184,6 @@ class ServiceConfig:
             model_stall_s=_float(env, "CLASSIFIER_MODEL_STALL_S", 0.0),
             max_concurrency=_int(env, "CLASSIFIER_MAX_CONCURRENCY", 1),
             request_timeout_s=_int(env, "CLASSIFIER_REQUEST_TIMEOUT_S", 1),
+            body_timeout_s=_float(env, "CLASSIFIER_BODY_TIMEOUT_S", 0.1),
             cpu_count=cpu_count,
         )

@@ -15,8 +15,9 @@ Policy, per worker process:
   :data:`DECODE_NICE` (Linux keeps a nice value per thread), so that under a flood of large images
   the kernel runs the event loop and the model thread first: ordinary small requests keep their
   latency. Canvas pixels queued or running are capped (``capacity``); a request that would
-  pass the cap while others wait is refused with :class:`DecodeBusy` (the API answers 503 and
-  ``Retry-After``) instead of queueing into a timeout.
+  pass the cap while others wait is refused with :class:`DecodeBusy` (the API answers 429 and
+  ``Retry-After``: the senders of large images are asked to slow down) instead of queueing into a
+  timeout.
 * **Abandoned work stops.** When the awaiting request is cancelled (its client went away, or its
   timeout fired) a queued job never starts, and a running one stops before its next image.
 """

@@ -32,10 +32,19 @@ class BodyTooLarge(Exception):
     pass
 
 
+class BodyTooSlow(Exception):
+    pass
+
+
 class RequestSizeLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    """413 for a body over ``max_bytes``; 408 for one still incomplete ``body_timeout_s`` after the
+    request began (a slowloris client sending a byte a second would otherwise hold one of the
+    worker's CLASSIFIER_MAX_CONCURRENCY slots until the request timeout, and get a 504 for it)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, body_timeout_s: float = 10.0) -> None:
         self.app = app
         self.max_bytes = int(max_bytes)
+        self.body_timeout_s = float(body_timeout_s)
 
     async def _reply(self, send: Send, status: int, body: bytes) -> None:
         await send({
@@ -80,16 +89,26 @@ class RequestSizeLimitMiddleware:
                 return
 
         received = 0
-        exceeded = False
+        exceeded: bytes | None = None  # the error answer that replaces the app's
         response_started = False
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
+
+        body_done = False
 
         async def limited_receive() -> Message:
-            nonlocal received, exceeded
-            message = await receive()
+            nonlocal received, exceeded, body_done
+            if body_done:  # later reads wait for a disconnect: no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                exceeded = self._too_slow(received)
+                raise BodyTooSlow() from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.max_bytes:
-                    exceeded = True
+                    exceeded = self._too_large()
                     raise BodyTooLarge()
             return message
 
@@ -103,10 +122,15 @@ class RequestSizeLimitMiddleware:
 
         try:
             await self.app(scope, limited_receive, guarded_send)
-        except BodyTooLarge:
+        except (BodyTooLarge, BodyTooSlow):
             pass
-        if exceeded and not response_started:
-            await self._reply(send, 413, self._too_large())
+        if exceeded is not None and not response_started:
+            await self._reply(send, json.loads(exceeded)["status"], exceeded)
+
+    def _too_slow(self, received: int) -> bytes:
+        return json_error_body(408, f"the request body was not complete {self.body_timeout_s:g} s after the request "
+                               f"began ({received} bytes arrived; CLASSIFIER_BODY_TIMEOUT_S)", "body_timeout",
+                               limit_s=self.body_timeout_s)
 
 
 class ConnectionRecycleMiddleware:

@@ -640,9 +640,9 @@ class Classifier:
                 arrays, errors = await self._pool().run(
                     functools.partial(self._decode, uploads, slot.spec, budget), cost,
                     DECODE_QUEUE_REQUESTS * budget.request_pixels)
-            except DecodeBusy as err:
-                return error_response(503, f"this worker is busy decoding large images ({err}); retry later",
-                                      "decode_busy", headers={"Retry-After": "1"})
+            except DecodeBusy as err:  # 429, not 503: the senders of large images are the ones to slow down
+                return error_response(429, f"this worker is busy decoding large images ({err}); retry later or "
+                                      "send smaller images", "decode_busy", headers={"Retry-After": "1"})
         return _errors_response(errors, len(uploads)) if errors else arrays
 
     def _pool(self) -> DecodePool:
@@ -741,6 +741,7 @@ class Classifier:
                 "model_stall_s": CONFIG.model_stall_s,
                 "max_concurrency": CONFIG.max_concurrency,
                 "request_timeout_s": CONFIG.request_timeout_s,
+                "body_timeout_s": CONFIG.body_timeout_s,
             },
             "top_k_default": CONFIG.top_k,
         }
@@ -777,7 +778,8 @@ def _record_shadow(outcome: str, images: int, seconds: Optional[float]) -> None:
 
 
 Classifier.add_asgi_middleware(JsonErrorsMiddleware)  # routing's 404/405 and BentoML's errors in the API's shape
-Classifier.add_asgi_middleware(RequestSizeLimitMiddleware, max_bytes=CONFIG.max_request_bytes)
+Classifier.add_asgi_middleware(RequestSizeLimitMiddleware, max_bytes=CONFIG.max_request_bytes,
+                               body_timeout_s=CONFIG.body_timeout_s)
 Classifier.add_asgi_middleware(CancelOnDisconnectMiddleware)  # a gone client's decoding and model work is dropped
 if CONFIG.workers > 1:  # spread keep-alive connections over the workers (see the middleware)
     Classifier.add_asgi_middleware(ConnectionRecycleMiddleware, every=CONFIG.keepalive_requests)
