@@ -244,14 +244,15 @@ async def disconnecter(abuse: Abuse, port: int, body: bytes, stop, records: list
         records.append((abuse.name, outcome, time.monotonic() - start))
 
 
-async def run_abusers(url: str, folder: Path, ready, stop) -> list:
+async def run_abusers(url: str, folder: Path, kinds: list[str], ready, stop) -> list:
     port = int(url.rsplit(":", 1)[1])
     records: list = []
     runners = {"post": lambda a, body: post_flood(a, url, body, stop, records),
                "slow": lambda a, body: slow_client(a, port, body, stop, records),
                "disconnect": lambda a, body: disconnecter(a, port, body, stop, records)}
-    bodies = {a.name: (folder / f"{a.name}.bin").read_bytes() for a in ABUSES}
-    tasks = [asyncio.create_task(runners[a.mode](a, bodies[a.name])) for a in ABUSES for _ in range(a.clients)]
+    chosen = [a for a in ABUSES if a.name in kinds]
+    bodies = {a.name: (folder / f"{a.name}.bin").read_bytes() for a in chosen}
+    tasks = [asyncio.create_task(runners[a.mode](a, bodies[a.name])) for a in chosen for _ in range(a.clients)]
     ready.set()
     done, _ = await asyncio.wait(tasks, timeout=3600)  # ends when `stop` is set and the last answer is in
     for task in done:
@@ -265,10 +266,10 @@ async def run_abusers(url: str, folder: Path, ready, stop) -> list:
 ABUSER_NICE = 10
 
 
-def abuse_process(url: str, folder: str, out: str, ready, stop) -> None:
+def abuse_process(url: str, folder: str, kinds: list[str], out: str, ready, stop) -> None:
     """The child process: run the abusers until `stop`, then write their records to `out`."""
     os.nice(ABUSER_NICE)
-    records = asyncio.run(run_abusers(url, Path(folder), ready, stop))
+    records = asyncio.run(run_abusers(url, Path(folder), kinds, ready, stop))
     Path(out).write_text(json.dumps(records))
 
 
@@ -283,14 +284,14 @@ def phase_b(url: str, args: argparse.Namespace, digits: list[bytes], workdir: Pa
     ctx = mp.get_context("spawn")
     ready, stop = ctx.Event(), ctx.Event()
     out = workdir / "abuse-records.json"
-    child = ctx.Process(target=abuse_process, args=(url, str(workdir / "bodies"), str(out), ready, stop), daemon=True)
+    child = ctx.Process(target=abuse_process, args=(url, str(workdir / "bodies"), args.kinds, str(out), ready, stop), daemon=True)
     child.start()
     try:
         if not ready.wait(120):
             raise SystemExit("abuse bench: the abuse process did not start")
         time.sleep(ABUSE_RAMP_S)
         print(f"abuse: phase B, {args.duration} s of {args.rate} ordinary req/s while "
-              f"{sum(a.clients for a in ABUSES)} abusive clients run", flush=True)
+              f"{sum(a.clients for a in ABUSES if a.name in args.kinds)} abusive clients run", flush=True)
         ordinary = asyncio.run(ordinary_stream(url, args.rate, args.duration, digits))
     finally:
         stop.set()
@@ -375,7 +376,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--onnx", type=Path, help="model to serve (default exports/cnn/model.onnx, else the tiny CNN)")
     p.add_argument("--out", type=Path, help="results folder (default bench/results; with --quick the temp folder)")
     p.add_argument("--quick", action="store_true", help="smoke run: 5 s per phase, results not in bench/results")
+    p.add_argument("--kinds", default=",".join(a.name for a in ABUSES),
+                   help="comma list of abuse kinds to run in phase B (default: all)")
     args = p.parse_args(argv)
+    args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    unknown = sorted(set(args.kinds) - {a.name for a in ABUSES})
+    if unknown:
+        p.error(f"--kinds: unknown {unknown}; choose from {[a.name for a in ABUSES]}")
     if args.quick:
         args.duration = 5.0
     if args.out is None:

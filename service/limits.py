@@ -254,6 +254,11 @@ class JsonErrorsMiddleware:
 async def _send_shaped(send: Send, start: Message, body: bytes, max_body: int) -> None:
     status = start["status"]
     headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-length", b"content-type")]
+    content_type = dict(start.get("headers", [])).get(b"content-type", b"")
+    if content_type.startswith(b"application/json") and b'"reason"' in body[:max_body]:
+        await send(start)  # the API's own error (the common case): as it is
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+        return
     try:
         parsed = json.loads(body) if len(body) <= max_body else None
     except ValueError:
