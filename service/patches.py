@@ -7,6 +7,10 @@
    service does not serve to one label, ``other``.
 3. ``MaxConcurrencyMiddleware`` answers 429 with ``{"error": "Too many requests"}`` and no
    ``Retry-After``; ``patch_concurrency_limit`` answers in the API's error shape with ``Retry-After``.
+4. ``AccessLogMiddleware`` decodes the request's ``Content-Type``/``Content-Length`` as UTF-8 after
+   the response headers went out, so one ``\xff`` byte in them cut every response off with an empty
+   body and a traceback (found by tests/service/test_service_fuzz.py). ``patch_access_log`` hands it
+   those two headers with non-ASCII bytes escaped (``\xff``); they are invalid either way.
 
 The first, in detail:
 
@@ -139,4 +143,33 @@ def patch_concurrency_limit(retry_after_s: int = 1) -> bool:
             await self.app(scope, receive, send)
 
     Limit.__call__ = call
+    return True
+
+
+_LOGGED_HEADERS = (b"content-type", b"content-length")
+
+
+def _ascii_headers(headers: list) -> list:
+    return [(k, v.decode("latin-1").encode("ascii", "backslashreplace")) if k in _LOGGED_HEADERS and not v.isascii()
+            else (k, v) for k, v in headers]
+
+
+def patch_access_log() -> bool:
+    """Escape non-ASCII bytes of Content-Type/Content-Length before BentoML's access log decodes them."""
+    try:
+        from bentoml._internal.server.http.access import AccessLogMiddleware as Access
+    except ImportError:
+        Access = None
+    original = getattr(Access, "__call__", None)
+    if Access is None or getattr(original, "_classifier_patched", False):
+        return Access is not None
+
+    async def call(self: Any, scope: dict, receive: Any, send: Any) -> None:
+        headers = scope.get("headers") or []
+        if any(k in _LOGGED_HEADERS and not v.isascii() for k, v in headers):
+            scope = {**scope, "headers": _ascii_headers(headers)}
+        await original(self, scope, receive, send)
+
+    call._classifier_patched = True  # type: ignore[attr-defined]
+    Access.__call__ = call
     return True

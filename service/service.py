@@ -60,7 +60,7 @@ from service.limits import (CancelOnDisconnectMiddleware, ConnectionRecycleMiddl
                             RequestSizeLimitMiddleware)
 from service.model_source import (MODEL_FILE, REGISTRY_KEYS, NoModelForAlias, Selection, pointer_file,
                                   read_pointers, select_model)
-from service.patches import patch_concurrency_limit, patch_metrics_paths, patch_timeout_middleware
+from service.patches import patch_access_log, patch_concurrency_limit, patch_metrics_paths, patch_timeout_middleware
 from service.postprocessing import predictions
 from service.preprocessing import ImageError, PreprocessSpec, image_to_array, normalize
 from service.shadow import Shadow
@@ -69,6 +69,7 @@ from service.ui import ServerTimingMiddleware, ui_routes
 CONFIG = ServiceConfig.from_env()
 patch_timeout_middleware()  # BentoML's per-request timeout timers otherwise live for the whole timeout
 patch_concurrency_limit()  # its 429 in the API's error shape, with Retry-After
+patch_access_log()  # a non-UTF-8 Content-Type no longer cuts the response off
 SOURCE_DIR = Path(__file__).resolve().parent.parent  # the project (or the Bento's src/) folder
 try:  # at import: what `bentoml build` pins and what a worker serves unless it runs from a Bento
     SELECTION: Optional[Selection] = select_model(CONFIG.model_name, CONFIG.model_version, CONFIG.model_alias,
