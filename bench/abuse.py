@@ -203,6 +203,7 @@ async def post_flood(abuse: Abuse, url: str, body: bytes, stop, records: list) -
                 outcome = type(err).__name__
                 await asyncio.sleep(0.05)  # a refused connection must not become a busy loop
             records.append((abuse.name, outcome, time.monotonic() - start))
+            await paced(start, PACE_S)
 
 
 async def slow_client(abuse: Abuse, port: int, body: bytes, stop, records: list) -> None:
@@ -242,6 +243,13 @@ async def disconnecter(abuse: Abuse, port: int, body: bytes, stop, records: list
             outcome = type(err).__name__
             await asyncio.sleep(0.05)
         records.append((abuse.name, outcome, time.monotonic() - start))
+        await paced(start, PACE_S)
+
+
+async def paced(started: float, pace_s: float) -> None:
+    """With --abuse-rate, wait out the rest of this client's request interval (0: a flood, no wait)."""
+    if pace_s > 0:
+        await asyncio.sleep(max(0.0, pace_s - (time.monotonic() - started)))
 
 
 async def run_abusers(url: str, folder: Path, kinds: list[str], ready, stop) -> list:
@@ -266,9 +274,14 @@ async def run_abusers(url: str, folder: Path, kinds: list[str], ready, stop) -> 
 ABUSER_NICE = 10
 
 
-def abuse_process(url: str, folder: str, kinds: list[str], out: str, ready, stop) -> None:
+PACE_S = 0.0  # seconds between one abusive client's requests (--abuse-rate); 0 = back to back
+
+
+def abuse_process(url: str, folder: str, kinds: list[str], rate: float, out: str, ready, stop) -> None:
     """The child process: run the abusers until `stop`, then write their records to `out`."""
+    global PACE_S
     os.nice(ABUSER_NICE)
+    PACE_S = 1.0 / rate if rate > 0 else 0.0
     records = asyncio.run(run_abusers(url, Path(folder), kinds, ready, stop))
     Path(out).write_text(json.dumps(records))
 
@@ -284,7 +297,7 @@ def phase_b(url: str, args: argparse.Namespace, digits: list[bytes], workdir: Pa
     ctx = mp.get_context("spawn")
     ready, stop = ctx.Event(), ctx.Event()
     out = workdir / "abuse-records.json"
-    child = ctx.Process(target=abuse_process, args=(url, str(workdir / "bodies"), args.kinds, str(out), ready, stop), daemon=True)
+    child = ctx.Process(target=abuse_process, args=(url, str(workdir / "bodies"), args.kinds, args.abuse_rate, str(out), ready, stop), daemon=True)
     child.start()
     try:
         if not ready.wait(120):
@@ -350,7 +363,10 @@ def markdown(result: dict) -> str:
              f"- git: {result['git']['commit'][:12]}" + (" (uncommitted changes in service/ or bench/)" if result["git"]["dirty_files"] else ""),
              f"- model: {result['model']}; server: {json.dumps(result['server'])}",
              (f"- ordinary stream: {result['rate']} req/s open loop, {result['duration_s']} s per phase, "
-              f"{ORDINARY_CONNECTIONS} connections, latency from the scheduled send time"), "",
+              f"{ORDINARY_CONNECTIONS} connections, latency from the scheduled send time"),
+             (f"- abusers: {', '.join(result['kinds'])}; " + (f"{result['abuse_rate_per_client']:g} requests/s per client"
+              if result["abuse_rate_per_client"] else "back to back (a flood: each client sends its next request "
+              "as soon as the last is answered)")), "",
              "## Ordinary requests", "", "| | phase A (no abuse) | phase B (abuse) |", "|---|---:|---:|"]
     for key in ("count", "p50_ms", "p99_ms", "max_ms", "errors", "5xx", "max_send_lag_ms"):
         lines.append(f"| {key} | {a[key]} | {b[key]} |")
@@ -376,6 +392,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--onnx", type=Path, help="model to serve (default exports/cnn/model.onnx, else the tiny CNN)")
     p.add_argument("--out", type=Path, help="results folder (default bench/results; with --quick the temp folder)")
     p.add_argument("--quick", action="store_true", help="smoke run: 5 s per phase, results not in bench/results")
+    p.add_argument("--abuse-rate", type=float, default=0.0,
+                   help="requests per second per abusive client (default 0: back to back, a flood that saturates "
+                        "the machine)")
     p.add_argument("--kinds", default=",".join(a.name for a in ABUSES),
                    help="comma list of abuse kinds to run in phase B (default: all)")
     args = p.parse_args(argv)
@@ -417,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": serve.command_line(),
               "machine": serve.machine(), "versions": {**serve.versions(), "httpx": httpx.__version__},
-              "git": serve.git_state(), "duration_s": args.duration, "rate": args.rate}
+              "git": serve.git_state(), "duration_s": args.duration, "rate": args.rate,
+              "abuse_rate_per_client": args.abuse_rate, "kinds": args.kinds}
     with tempfile.TemporaryDirectory(prefix="bench-abuse-") as tmp:
         raw = measure(args, Path(tmp))
     result["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -427,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     result["verdict"] = verdict(result["ordinary"]["A"], result["ordinary"]["B"], result["abuse"])
     if not result["verdict"]["passed"]:
         result["server_log_tail"] = raw["server_log_tail"]
-    stem = args.out / f"abuse-{dt.date.today().isoformat()}"
+    pacing = f"paced-{args.abuse_rate:g}" if args.abuse_rate else "flood"
+    stem = args.out / f"abuse-{dt.date.today().isoformat()}-{pacing}"
     args.out.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(result))

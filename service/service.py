@@ -45,6 +45,7 @@ from typing import Any, Optional
 import numpy as np
 from pydantic import BaseModel, Field
 from starlette.applications import Starlette
+from starlette.formparsers import MultiPartParser
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -169,6 +170,14 @@ def _too_many(count: int) -> Rejection:
 
 # --- request bodies (custom parsing so that no malformed body reaches BentoML's generic parser) ----
 
+class InMemoryMultiPartParser(MultiPartParser):
+    """Uploaded files stay in memory: the whole body does anyway (<= CLASSIFIER_MAX_REQUEST_BYTES), and
+    Starlette's spooling of a part over 1 MB to a temporary file cost a thread hand-off per 64 KB
+    chunk, a fifth of the event loop's time under a flood of large uploads (bench/abuse.py, py-spy)."""
+
+    spool_max_size = CONFIG.max_request_bytes + 1
+
+
 class ClassifyMultipart(bentoml.IODescriptor):
     """``multipart/form-data`` with one or more image files in the repeatable field ``images``."""
 
@@ -186,7 +195,8 @@ class ClassifyMultipart(bentoml.IODescriptor):
             )
             return cls.model_construct(images=rejection, top_k=None)
         try:
-            form = await request.form(max_files=CONFIG.max_images, max_fields=4, max_part_size=64 * 1024)
+            form = await InMemoryMultiPartParser(request.headers, request.stream(), max_files=CONFIG.max_images,
+                                                 max_fields=4, max_part_size=64 * 1024).parse()
         except Exception as err:  # starlette: MultiPartException / HTTPException(400) for malformed bodies
             message = getattr(err, "detail", None) or getattr(err, "message", None) or str(err) or type(err).__name__
             if "too many files" in str(message).lower():
