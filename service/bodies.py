@@ -82,14 +82,13 @@ def load_json(raw: bytes, max_items: int) -> Any:
         raise BadValue("bad_json", f"body is not valid JSON: {quote(str(err), 120)}") from None
 
 
-def top_k_value(raw: Any, from_form: bool) -> Optional[int]:
-    """``top_k`` from a JSON value or a form field's text -> a positive int, or None for "default".
-
-    A form field is text: only a decimal integer is accepted (never parsed as JSON, so no nesting).
-    """
-    if raw is None or raw == "":
+def top_k_value(raw: Any) -> Optional[int]:
+    """``top_k`` from a JSON value or a form field's text -> a positive int, or None for "default"
+    (absent, empty, ``null``). Text (a form field, or a JSON string such as ``"5"``) is only ever
+    matched as a decimal integer, never parsed as JSON: no nesting."""
+    if raw is None or raw == "" or raw == "null":
         return None
-    if from_form and isinstance(raw, str):
+    if isinstance(raw, str):
         match = _FORM_INT.fullmatch(raw)
         if match is None:
             raise BadValue("bad_top_k", f"top_k must be a positive integer, got {quote(raw)}")

@@ -8,13 +8,15 @@ Policy, per worker process:
   images together exceed ``request_pixels`` are refused at once with 413: a 1.7 KB WebP whose canvas
   is 40 MP costs ~0.4 s of CPU to decode, and 30 of them in a 56 KB request used to occupy a worker
   for 12 s. Large JPEGs decode at reduced scale (``Image.draft``) and count at that scale.
-* **Small work inline, large work in the pool.** A request whose headers add up to at most
-  :data:`INLINE_PIXELS` canvas pixels decodes on the event loop (a 28x28 PNG takes ~30 us, less than
-  a thread hand-off); anything larger goes to the worker's decode threads, whatever its byte count.
+* **Small work inline, large work in the pool.** A request of at most :data:`INLINE_BYTES` bytes
+  whose headers add up to at most :data:`INLINE_PIXELS` canvas pixels decodes on the event loop (a
+  28x28 PNG takes ~30 us, less than a thread hand-off); anything larger goes to the worker's decode
+  threads, and so do the header reads of requests over :data:`INLINE_BYTES`. The work is priced by
+  :func:`decode_cost`; a request costing more than the whole queue may hold is refused (413).
 * **Decode threads are bounded and yield.** The pool has a few threads at nice
   :data:`DECODE_NICE` (Linux keeps a nice value per thread), so that under a flood of large images
   the kernel runs the event loop and the model thread first: ordinary small requests keep their
-  latency. Canvas pixels queued or running are capped (``capacity``); a request that would
+  latency. The cost queued or running are capped (``capacity``); a request that would
   pass the cap while others wait is refused with :class:`DecodeBusy` (the API answers 429 and
   ``Retry-After``: the senders of large images are asked to slow down) instead of queueing into a
   timeout.
@@ -36,6 +38,12 @@ T = TypeVar("T")
 
 #: canvas pixels a request may decode on the event loop (256x256: ~2 ms for PNGs)
 INLINE_PIXELS = 256 * 256
+#: bytes a request may have for its headers to be read, and its images decoded, on the event loop:
+#: Pillow parses PNG chunks and JPEG markers in Python (~5 us each), so bytes bound that work
+INLINE_BYTES = 64 * 1024
+#: a JPEG decoded at reduced scale still parses and transforms its whole canvas' coefficients: ~1/16
+#: of a full decode's time (12 MP: 91 ms full, 5.7 ms at 1/8 scale)
+DRAFTED_CANVAS_SHARE = 16
 #: nice value of the decode threads (0 = normal, 19 = lowest); 10 gives them ~1/10 of a contended
 #: core's time slices against nice-0 threads (CFS weights 110 vs 1024)
 DECODE_NICE = 10
@@ -75,8 +83,15 @@ class DecodeBudget:
 
 
 def canvas_pixels(headers: Sequence["ImageHeader | ImageError"]) -> int:
-    """The decode cost of a request, as its images' canvas pixels (what the headers say)."""
+    """The request's images' canvas pixels (what the headers say)."""
     return sum(h.pixels for h in headers if isinstance(h, ImageHeader))
+
+
+def decode_cost(headers: Sequence["ImageHeader | ImageError"]) -> int:
+    """A request's decode work in pixel-equivalents: its decoded pixels, plus a share of the canvas of
+    images decoded at reduced scale."""
+    return sum(h.decoded_pixels + (h.pixels - h.decoded_pixels) // DRAFTED_CANVAS_SHARE
+               for h in headers if isinstance(h, ImageHeader))
 
 
 class DecodeBusy(Exception):

@@ -51,10 +51,14 @@ async def _timeout_call(self: Any, scope: dict, receive: Any, send: Any) -> None
         await send(message)
 
     task = asyncio.ensure_future(self.app(scope, receive, send_started))
+    # an app that returns without answering (its client left) or raises ends the wait too
+    task.add_done_callback(lambda _: waiter.done() or waiter.set_result(None))
     try:
         await waiter
     except asyncio.TimeoutError:
-        if task.cancel():
+        if task.done():
+            task.result()  # it ended just as the timer fired: its own outcome (or exception) stands
+        elif task.cancel():
             await JSONResponse(
                 {"error": f"not able to process the request in {self.timeout:g} s (CLASSIFIER_REQUEST_TIMEOUT_S)",
                  "reason": "timeout", "status": 504}, status_code=504)(scope, receive, send)

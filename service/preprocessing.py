@@ -229,13 +229,31 @@ def read_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: 
 _PLUGIN_ORDER = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "DIB")  # JPEG's plugin opens MPO too
 
 
+#: reads a decode may make of its file: Pillow reads PNG chunks and JPEG markers one by one in Python
+#: (~5 us each, and JPEG keeps every marker in memory); a legitimate 32 MB PNG of 8 KB IDAT chunks
+#: needs ~12,000, a crafted file of millions of empty chunks is refused at this count
+MAX_FILE_READS = 16_384
+
+
+class _BoundedReads(io.BytesIO):
+    """The image bytes, refusing more than MAX_FILE_READS ``read`` calls."""
+
+    reads = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        self.reads += 1
+        if self.reads > MAX_FILE_READS:
+            raise ImageError("corrupt", f"the file has too many chunks or markers (more than {MAX_FILE_READS} reads)")
+        return super().read(size)
+
+
 def _open_any(data: bytes) -> Image.Image:
     """``Image.open`` trying the supported formats first, then (to tell an unsupported format from
     garbage) every plugin."""
     try:
-        return Image.open(io.BytesIO(data), formats=_PLUGIN_ORDER)
+        return Image.open(_BoundedReads(data), formats=_PLUGIN_ORDER)
     except Image.UnidentifiedImageError:
-        return Image.open(io.BytesIO(data))
+        return Image.open(_BoundedReads(data))
 
 
 def _open(data: bytes, max_pixels: int, draft_to: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
