@@ -169,6 +169,26 @@ def load_image_folder_dataset(p: DataParams, name: str, root: Path, source: str)
     return Dataset(name, classes, train, test, source, notes)
 
 
+EXTRACTED_MARKER = ".extracted.json"  # inside an extraction folder: which tarball it holds
+
+
+def extract_once(tar_path: Path, extract_to: Path) -> Path:
+    """`tar_path` extracted at `extract_to`, reused when it holds this very tarball. The extraction
+    replaces the folder whole (atomic.atomic_dir), its marker written last inside it: a killed
+    extraction, or a folder from another tarball or from before the marker, is never trusted."""
+    wanted = {"tarball": tar_path.name, "sha256": atomic.sha256_file(tar_path)}
+    marker = extract_to / EXTRACTED_MARKER
+    try:
+        if json.loads(marker.read_text()) == wanted:
+            return extract_to
+    except (OSError, ValueError):
+        pass
+    with atomic.atomic_dir(extract_to) as tmp, tarfile.open(tar_path) as tar:
+        tar.extractall(tmp, filter="data")
+        (tmp / EXTRACTED_MARKER).write_text(json.dumps(wanted) + "\n")
+    return extract_to
+
+
 def load_cifar10(p: DataParams, raw_root: Path, mirror: Path | None) -> Dataset:
     from torchvision.datasets import CIFAR10
 
@@ -176,12 +196,9 @@ def load_cifar10(p: DataParams, raw_root: Path, mirror: Path | None) -> Dataset:
         original = mirror / "cifar10" / CIFAR10.filename
         jpg_tar = mirror / "cifar10" / "cifar10-train-jpg.tar.gz"
         if original.is_file():  # the official python tarball: torchvision verifies and extracts it
-            shutil.copyfile(original, raw_root / CIFAR10.filename)
+            atomic.atomic_write(raw_root / CIFAR10.filename, lambda tmp: shutil.copyfile(original, tmp))
         elif jpg_tar.is_file():  # the JPEG ImageFolder copy of the training split
-            extract_to = raw_root / "cifar10-jpg"
-            if not (extract_to / "train").is_dir():
-                with tarfile.open(jpg_tar) as tar:
-                    tar.extractall(extract_to, filter="data")
+            extract_to = extract_once(jpg_tar, raw_root / "cifar10-jpg")
             cifar_p = DataParams(dataset="cifar10", image_size=32, channels=3,
                                  test_fraction=p.test_fraction, seed=p.seed)
             return load_image_folder_dataset(cifar_p, "cifar10", extract_to / "train", str(jpg_tar))

@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ParamsError, FileNotFoundError) as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 2
+    tracking.check_reachable()  # a server that is down: fail now, not after MLflow's minutes of retries
     torch.set_num_threads(max(1, torch.get_num_threads()))
     test = load_prepared("test", PREPARED_DIR)
     result = evaluate_model(model, meta, test.images, test.labels, params.evaluate.top_k)

@@ -13,7 +13,6 @@ import argparse
 import hashlib
 import io
 import json
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -106,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ParamsError, FileNotFoundError) as err:
         print(f"export: error: {err}", file=sys.stderr)
         return 2
+    tracking.check_reachable()  # a server that is down: fail now, not after MLflow's minutes of retries
     # the ONNX file names the training run (its bytes must not depend on which store logs them)
     run = tracking.open_run(meta["mlflow_run_id"], experiment=params.train.experiment, run_name=args.arch,
                             stage="export", model_file=arch_dir(args.arch) / "model.pt")
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     run.log_metrics({f"parity_{k}": v for k, v in report.items() if isinstance(v, (int, float))})
     run.set_tags({"parity_passed": str(report["passed"]).lower()})
     if not report["passed"]:
-        shutil.rmtree(out, ignore_errors=True)  # no stale model.onnx for a later stage to pick up
+        atomic.remove_tree(out)  # no stale model.onnx for a later stage to pick up (nor half of one)
         print(f"export: error: {args.arch} failed the parity gate; nothing written", file=sys.stderr)
         return 1
     with atomic.atomic_dir(out) as tmp:

@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         name = load_params(args.params).promote.registered_model
+        tracking.check_reachable()  # a server that is down: fail now, not after MLflow's minutes of retries
         result = sync_alias(name, args.alias)
         result["bento_tag"] = None if args.no_build else build_bento(result, args.alias)
     except (ParamsError, ServingError, TimeoutError, tracking.TrackingError) as err:

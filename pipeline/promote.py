@@ -316,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params)
         name = params.promote.registered_model
+        tracking.check_reachable()  # a server that is down: fail now, not after MLflow's minutes of retries
         if args.command in (None, "auto"):
             result = auto_promote(params.promote, list(params.models), params.train.experiment)
             atomic.write_json(RELEASE_DIR / "promotion.json", result)

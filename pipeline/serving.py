@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alias", default=CHAMPION)
     args = parser.parse_args(argv)
     try:
+        tracking.check_reachable()  # a server that is down: exit 3 now, not after MLflow's minutes of retries
         entry = sync_alias(args.model, args.alias)
     except ServingError as err:
         print(f"serving: error: {args.alias} of {args.model}: {err}", file=sys.stderr)
