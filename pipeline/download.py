@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
-import io
 import json
 import shutil
 import socket

@@ -13,7 +13,6 @@ every epoch to `checkpoints/<arch>/last.pt`; a re-run with the same params resum
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import dataclasses
 import hashlib
