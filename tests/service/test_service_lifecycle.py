@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -23,7 +24,7 @@ import pytest
 from PIL import Image
 
 import svc_images
-from svc_support import serve
+from svc_support import SERVER_ENV, serve
 from tests.conftest import Project, clone_project
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -197,9 +198,13 @@ def test_service_follows_promotion_and_rollback_under_load_and_refuses_a_broken_
         lc.stage("pipeline.promote", "set", broken)
         deadline = time.monotonic() + 60
 
-        def refused_by_every_worker() -> bool:  # /metadata answers from either worker
-            return all((metadata(srv.url)["serving"].get("refused") or {}).get("registry_version") == broken
-                       for _ in range(6))
+        def refused_by_every_worker() -> bool:
+            """Each worker logs its own refusal (a keep-alive /metadata poll may only ever reach one of
+            them; a worker still syncing when the store moves away below would see a store error)."""
+            workers = set(re.findall(rf"\[entry_service:image-classifier:(\d+)\] alias 'champion': REFUSED "
+                                     rf"registry v{broken}\b", srv.log()))
+            return len(workers) == int(SERVER_ENV["CLASSIFIER_WORKERS"]) and all(
+                (metadata(srv.url)["serving"].get("refused") or {}).get("registry_version") == broken for _ in range(6))
 
         while not refused_by_every_worker():
             assert time.monotonic() < deadline, metadata(srv.url)
