@@ -206,9 +206,12 @@ def bento_home(tiny_onnx_model: Path, tmp_path_factory) -> tuple[Path, str]:
 
 
 @pytest.fixture(scope="session")
-def server(bento_home, tmp_path_factory):
-    """The session's server, with SERVER_ENV limits."""
+def server(tiny_onnx_model, tmp_path_factory):
+    """The session's server, with SERVER_ENV limits, in a BentoML home of its own: a server started
+    on the same home (the fault tests start several on `bento_home`) would reset this one's metrics
+    folder, and the batching tests read /metrics."""
     pytest.importorskip("httpx")
-    home, tag = bento_home
-    with serve(home, tmp_path_factory.mktemp("server") / "bentoml-serve.log", tag) as srv:
+    folder = tmp_path_factory.mktemp("server")
+    tag = store_in_bento_home(tiny_onnx_model, folder / "bentoml")
+    with serve(folder / "bentoml", folder / "bentoml-serve.log", tag) as srv:
         yield srv
