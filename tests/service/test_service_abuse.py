@@ -240,9 +240,10 @@ def test_a_slow_body_gets_408_and_frees_its_slot(heavy):
                      "Content-Length: 1000\r\n\r\n".encode())
         answer = b""
         sock.settimeout(1.0)
-        for _ in range(10):  # a byte a second until the server answers
+        body = b'--b\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\n\r\n' + PNG
+        for i in range(10):  # a valid body, a byte a second, until the server answers
             try:
-                sock.sendall(b"x")  # multipart preamble (a "-" run could read as a bad boundary: 400)
+                sock.sendall(body[i:i + 1])
                 answer = sock.recv(65536)
             except TimeoutError:
                 continue
