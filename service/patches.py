@@ -30,6 +30,7 @@ otherwise.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 from typing import Any, Callable
 
@@ -68,12 +69,17 @@ async def _timeout_call(self: Any, scope: dict, receive: Any, send: Any) -> None
         timer.cancel()
 
 
+def _bentoml_class(module: str, name: str) -> Any:
+    """A BentoML internal class, or None where this BentoML version has none."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
 def patch_timeout_middleware() -> bool:
     """Install the fix; False (and a warning) when BentoML's middleware is not the one it fixes."""
-    try:
-        from bentoml._internal.server.http.traffic import TimeoutMiddleware
-    except ImportError:
-        TimeoutMiddleware = None
+    TimeoutMiddleware = _bentoml_class("bentoml._internal.server.http.traffic", "TimeoutMiddleware")
     if TimeoutMiddleware is None or not hasattr(TimeoutMiddleware, "_set_timer_out"):
         logger.warning("BentoML's TimeoutMiddleware changed; its per-request timers are left as they are")
         return False
@@ -100,10 +106,7 @@ class _RestorePath:
 
 def patch_metrics_paths(known: Callable[[str], bool]) -> bool:
     """Label requests whose path is not ``known(path)`` as ``other`` in BentoML's traffic metrics."""
-    try:
-        from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware as Metrics
-    except ImportError:
-        Metrics = None
+    Metrics = _bentoml_class("bentoml._internal.server.http.instruments", "RunnerTrafficMetricsMiddleware")
     original = getattr(Metrics, "__call__", None)
     if Metrics is None or getattr(original, "_classifier_patched", False):
         return Metrics is not None
@@ -126,10 +129,7 @@ def patch_metrics_paths(known: Callable[[str], bool]) -> bool:
 
 def patch_concurrency_limit(retry_after_s: int = 1) -> bool:
     """Answer BentoML's per-worker concurrency limit with the API's JSON error and ``Retry-After``."""
-    try:
-        from bentoml._internal.server.http.traffic import MaxConcurrencyMiddleware as Limit
-    except ImportError:
-        Limit = None
+    Limit = _bentoml_class("bentoml._internal.server.http.traffic", "MaxConcurrencyMiddleware")
     if Limit is None or not hasattr(Limit, "BYPASS_PATHS"):
         logger.warning("BentoML's MaxConcurrencyMiddleware changed; its 429 answer is left as it is")
         return False
@@ -160,10 +160,7 @@ def _ascii_headers(headers: list) -> list:
 
 def patch_access_log() -> bool:
     """Escape non-ASCII bytes of Content-Type/Content-Length before BentoML's access log decodes them."""
-    try:
-        from bentoml._internal.server.http.access import AccessLogMiddleware as Access
-    except ImportError:
-        Access = None
+    Access = _bentoml_class("bentoml._internal.server.http.access", "AccessLogMiddleware")
     original = getattr(Access, "__call__", None)
     if Access is None or getattr(original, "_classifier_patched", False):
         return Access is not None
