@@ -63,6 +63,9 @@ REPO, RESULTS_DIR = serve.REPO, serve.RESULTS_DIR
 TARGET_P99_RATIO = 3.0
 REQUEST_TIMEOUT_S = 30.0
 ORDINARY_CONNECTIONS = 16
+#: the ordinary stream's source address; the abusers send from 127.0.0.1. Real attackers and users
+#: have addresses of their own, and the service's penalty box (service/penalty.py) is per address
+ORDINARY_ADDRESS = "127.0.0.2"
 ABUSE_RAMP_S = 1.0  # abusers run this long before phase B's ordinary stream starts
 SLOW_BYTE_INTERVAL_S = 1.0
 MULTIPART = f"multipart/form-data; boundary={serve.BOUNDARY}"
@@ -167,7 +170,8 @@ async def ordinary_stream(url: str, rate: float, seconds: float, bodies: list[by
 
     limits = httpx.Limits(max_connections=ORDINARY_CONNECTIONS, max_keepalive_connections=ORDINARY_CONNECTIONS)
     records: list[dict] = []
-    async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
+    transport = httpx.AsyncHTTPTransport(local_address=ORDINARY_ADDRESS, limits=limits)
+    async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S, transport=transport) as client:
         t0 = time.monotonic() + 0.05
         tasks = []
         for i in range(max(1, round(seconds * rate))):
@@ -363,8 +367,8 @@ def markdown(result: dict) -> str:
              f"- git: {result['git']['commit'][:12]}" + (" (uncommitted changes in service/ or bench/)" if result["git"]["dirty_files"] else ""),
              f"- model: {result['model']}; server: {json.dumps(result['server'])}",
              (f"- ordinary stream: {result['rate']} req/s open loop, {result['duration_s']} s per phase, "
-              f"{ORDINARY_CONNECTIONS} connections, latency from the scheduled send time"),
-             (f"- abusers: {', '.join(result['kinds'])}; " + (f"{result['abuse_rate_per_client']:g} requests/s per client"
+              f"{ORDINARY_CONNECTIONS} connections from {ORDINARY_ADDRESS}, latency from the scheduled send time"),
+             (f"- abusers (from 127.0.0.1): {', '.join(result['kinds'])}; " + (f"{result['abuse_rate_per_client']:g} requests/s per client"
               if result["abuse_rate_per_client"] else "back to back (a flood: each client sends its next request "
               "as soon as the last is answered)")), "",
              "## Ordinary requests", "", "| | phase A (no abuse) | phase B (abuse) |", "|---|---:|---:|"]
@@ -395,6 +399,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--abuse-rate", type=float, default=0.0,
                    help="requests per second per abusive client (default 0: back to back, a flood that saturates "
                         "the machine)")
+    p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="an environment variable for the server, e.g. CLASSIFIER_REFUSAL_RATE=0 (repeatable)")
     p.add_argument("--kinds", default=",".join(a.name for a in ABUSES),
                    help="comma list of abuse kinds to run in phase B (default: all)")
     args = p.parse_args(argv)
@@ -402,6 +408,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = sorted(set(args.kinds) - {a.name for a in ABUSES})
     if unknown:
         p.error(f"--kinds: unknown {unknown}; choose from {[a.name for a in ABUSES]}")
+    bad_env = [item for item in args.server_env if "=" not in item]
+    if bad_env:
+        p.error(f"--server-env: {bad_env[0]!r} is not NAME=VALUE")
     if args.quick:
         args.duration = 5.0
     if args.out is None:
@@ -416,6 +425,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
     sizes = abusive_bodies(workdir / "bodies", digits[0])
     ordinary = [serve.multipart([(f"digit{i}.png", png)]) for i, png in enumerate(digits)]
     env = {"CLASSIFIER_WORKERS": str(args.workers)} if args.workers else {}
+    env.update(item.split("=", 1) for item in args.server_env)
     with shadow.start(home, workdir, env, "abuse") as server:
         print(f"abuse: {tag} served on {server.url}, ready after {server.ready_s:.1f} s", flush=True)
         asyncio.run(ordinary_stream(server.url, args.rate, 2.0, ordinary))  # warm-up, not recorded
@@ -448,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     if not result["verdict"]["passed"]:
         result["server_log_tail"] = raw["server_log_tail"]
     pacing = f"paced-{args.abuse_rate:g}" if args.abuse_rate else "flood"
+    pacing += "".join(f"-{k.lower().removeprefix('classifier_')}-{v}" for k, v in result["server"]["env"].items())
     stem = args.out / f"abuse-{dt.date.today().isoformat()}-{pacing}"
     args.out.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")

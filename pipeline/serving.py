@@ -56,7 +56,9 @@ def check_servable(onnx_file: Path) -> dict:
 
 
 def _registry_version(name: str, alias: str) -> dict:
+    store = tracking.require_store()  # checked again after the read: a store moved meanwhile is an error, not "no alias"
     version = tracking.version_by_alias(name, alias)
+    tracking.check_same_store(store)
     if version is None:
         raise ServingError(f"registered model {name!r} has no {alias!r} alias: run `python -m pipeline.promote`")
     if version["tags"].get("parity_passed") != "true":

@@ -386,12 +386,25 @@ def sqlite_file(uri: str | None = None) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
-def require_store() -> None:
+def require_store() -> tuple[int, int] | None:
     """For readers of the registry (serving): a SQLite store must exist already (MLflow would
-    silently create an empty one, and a service would then see no alias at all)."""
+    silently create an empty one, and a service would then see no alias at all). Returns the file's
+    identity (device, inode) for ``check_same_store``; None for a tracking server."""
     db = sqlite_file()
-    if db is not None and not db.is_file():
-        raise TrackingError(f"MLflow store {tracking_uri()}: no such file")
+    if db is None:
+        return None
+    try:
+        st = db.stat()
+    except OSError:
+        raise TrackingError(f"MLflow store {tracking_uri()}: no such file") from None
+    return st.st_dev, st.st_ino
+
+
+def check_same_store(identity: tuple[int, int] | None) -> None:
+    """TrackingError when the SQLite store was moved or replaced since ``require_store``: what was
+    read may come from an empty store MLflow created in its place, not the registry."""
+    if identity is not None and require_store() != identity:
+        raise TrackingError(f"MLflow store {tracking_uri()} was replaced while it was being read")
 
 
 def peek_alias(name: str, alias: str, timeout_s: float = 3.0) -> str | None:

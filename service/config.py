@@ -62,6 +62,11 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "CLASSIFIER_REQUEST_TIMEOUT_S": ("30", "per-request timeout in seconds (-> 504)"),
     "CLASSIFIER_BODY_TIMEOUT_S": ("10", "seconds a client may take to send its whole request body (-> 408): a slow "
                                   "client holds one of the worker's CLASSIFIER_MAX_CONCURRENCY slots meanwhile"),
+    "CLASSIFIER_REFUSAL_RATE": ("10", "penalty box: refusals (4xx but 429, or leaving unanswered) per second a client "
+                                "address may have without being slowed; past CLASSIFIER_REFUSAL_BURST its new requests "
+                                "wait before they are read (per worker; 0 = off)"),
+    "CLASSIFIER_REFUSAL_BURST": ("50", "penalty box: refusals a client address may have outstanding before any delay"),
+    "CLASSIFIER_REFUSAL_MAX_DELAY_S": ("5", "penalty box: the longest wait a penalised request gets"),
 }
 
 
@@ -130,6 +135,9 @@ class ServiceConfig:
     max_concurrency: int = 64
     request_timeout_s: int = 30
     body_timeout_s: float = 10.0
+    refusal_rate: float = 10.0  # 0 = no penalty box
+    refusal_burst: int = 50
+    refusal_max_delay_s: float = 5.0
     cpu_count: int = field(default_factory=lambda: os.cpu_count() or 1)
 
     @property
@@ -185,5 +193,8 @@ class ServiceConfig:
             max_concurrency=_int(env, "CLASSIFIER_MAX_CONCURRENCY", 1),
             request_timeout_s=_int(env, "CLASSIFIER_REQUEST_TIMEOUT_S", 1),
             body_timeout_s=_float(env, "CLASSIFIER_BODY_TIMEOUT_S", 0.1),
+            refusal_rate=_float(env, "CLASSIFIER_REFUSAL_RATE", 0.0),
+            refusal_burst=_int(env, "CLASSIFIER_REFUSAL_BURST", 0),
+            refusal_max_delay_s=_float(env, "CLASSIFIER_REFUSAL_MAX_DELAY_S", 0.0, 60.0),
             cpu_count=cpu_count,
         )

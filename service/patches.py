@@ -11,6 +11,8 @@
    the response headers went out, so one ``\xff`` byte in them cut every response off with an empty
    body and a traceback (found by tests/service/test_service_fuzz.py). ``patch_access_log`` hands it
    those two headers with non-ASCII bytes escaped (``\xff``); they are invalid either way.
+5. ``Service.add_asgi_middleware`` can only add layers inside BentoML's own, so a request a layer
+   of ours delays would hold a concurrency slot; ``patch_outermost_middleware`` puts one outside.
 
 The first, in detail:
 
@@ -173,4 +175,22 @@ def patch_access_log() -> bool:
 
     call._classifier_patched = True  # type: ignore[attr-defined]
     Access.__call__ = call
+    return True
+
+
+def patch_outermost_middleware(middleware: type, **options: Any) -> bool:
+    """Put ``middleware`` outside all of BentoML's own layers (``add_asgi_middleware`` puts it inside
+    metrics, tracing, access log, timeout and the concurrency limit)."""
+    Factory = _bentoml_class("_bentoml_impl.server.app", "ServiceAppFactory")
+    prop = getattr(Factory, "middlewares", None)
+    if Factory is None or not isinstance(prop, property):
+        logger.warning("BentoML's ServiceAppFactory changed; %s is not installed", middleware.__name__)
+        return False
+    from starlette.middleware import Middleware
+
+    def middlewares(self: Any) -> list:
+        return [Middleware(middleware, **options),
+                *(m for m in prop.fget(self) if m.cls is not middleware)]
+
+    Factory.middlewares = property(middlewares)
     return True

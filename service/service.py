@@ -62,7 +62,9 @@ from service.limits import (CancelOnDisconnectMiddleware, ConnectionRecycleMiddl
                             RequestSizeLimitMiddleware)
 from service.model_source import (MODEL_FILE, REGISTRY_KEYS, NoModelForAlias, Selection, pointer_file,
                                   read_pointers, select_model)
-from service.patches import patch_access_log, patch_concurrency_limit, patch_metrics_paths, patch_timeout_middleware
+from service.patches import (patch_access_log, patch_concurrency_limit, patch_metrics_paths,
+                             patch_outermost_middleware, patch_timeout_middleware)
+from service.penalty import PenaltyBoxMiddleware, RefusalPenalty
 from service.postprocessing import predictions
 from service.preprocessing import ImageError, PreprocessSpec, image_to_array, normalize
 from service.shadow import Shadow
@@ -93,6 +95,8 @@ def worker_selection() -> Optional[Selection]:
     return SELECTION
 
 
+#: never held back by the penalty box: an orchestrator's probes and the metrics scraper
+PROBE_PATHS = ("/livez", "/readyz", "/healthz", "/metrics")
 #: seconds the registry -> store sync (python -m pipeline.serving: download, check, store) may take
 SYNC_TIMEOUT_S = 600
 FIELD = "images"
@@ -325,6 +329,11 @@ MODEL_SECONDS = bentoml.metrics.Histogram(
     documentation="seconds a request's images spent in the model (champion: queue + call; shadow: call)",
     labelnames=["model"],
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
+)
+PENALTY_DELAYS = bentoml.metrics.Histogram(
+    name="classifier_penalty_delay_seconds",
+    documentation="requests held back by the penalty box (their client address kept being refused), by wait",
+    buckets=(0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0),
 )
 SHADOW_IMAGES = bentoml.metrics.Counter(
     name="classifier_shadow_images",
@@ -848,6 +857,11 @@ def _record_shadow(outcome: str, images: int, seconds: Optional[float]) -> None:
         MODEL_SECONDS.labels(model="shadow").observe(seconds)
 
 
+if CONFIG.refusal_rate > 0:  # outside BentoML's layers: a held-back request holds no concurrency slot
+    patch_outermost_middleware(
+        PenaltyBoxMiddleware, penalty=RefusalPenalty(CONFIG.refusal_rate, CONFIG.refusal_burst,
+                                                     CONFIG.refusal_max_delay_s),
+        exempt=PROBE_PATHS, on_delay=PENALTY_DELAYS.observe)
 Classifier.add_asgi_middleware(JsonErrorsMiddleware)  # routing's 404/405 and BentoML's errors in the API's shape
 Classifier.add_asgi_middleware(RequestSizeLimitMiddleware, max_bytes=CONFIG.max_request_bytes,
                                body_timeout_s=CONFIG.body_timeout_s)

@@ -160,3 +160,29 @@ def test_stage_entry_points_turn_an_unusable_store_into_exit_3(capsys):
     assert tracking.run_stage("evaluate", main) == 3
     assert capsys.readouterr().err == "evaluate: error: tracking server http://127.0.0.1:9 is unreachable\n"
     assert tracking.run_stage("export", lambda argv: 0) == 0
+
+
+def test_a_store_moved_while_serving_reads_it_is_a_store_error_not_no_alias(tmp_path, monkeypatch):
+    """The race CI found: `pipeline.serving` started just before the SQLite store was moved away;
+    MLflow created an empty store in its place, and the version read "no champion alias" (a refusal,
+    exit 2) instead of a store error (exit 3, retried)."""
+    from pipeline import serving, tracking
+
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+
+    def read_while_moving(name, alias):
+        db.rename(tmp_path / "moved.db")
+        db.write_bytes(b"")  # what MLflow does at the old path: a new, empty store
+        return None
+
+    monkeypatch.setattr(tracking, "version_by_alias", read_while_moving)
+    with pytest.raises(tracking.TrackingError, match="replaced"):
+        serving._registry_version("image-classifier", "champion")
+    monkeypatch.setattr(tracking, "version_by_alias", lambda name, alias: None)
+    with pytest.raises(serving.ServingError, match="no 'champion' alias"):  # an unmoved store: a refusal
+        serving._registry_version("image-classifier", "champion")
+    db.unlink()
+    with pytest.raises(tracking.TrackingError, match="no such file"):
+        tracking.require_store()

@@ -321,3 +321,63 @@ def readyz_after_restart(url: str, timeout_s: float = 60) -> list:
             break
         time.sleep(0.2)
     return seen
+
+
+# --- the penalty box (service/penalty.py): a flooding address is slowed, others are not -------------
+
+BOX_ENV = {"CLASSIFIER_WORKERS": "1", "CLASSIFIER_REFUSAL_RATE": "5", "CLASSIFIER_REFUSAL_BURST": "5",
+           "CLASSIFIER_REFUSAL_MAX_DELAY_S": "1"}
+JSON = "application/json"
+DEEP_JSON = b'{"images": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
+
+
+def client_at(address: str) -> httpx.Client:
+    """HTTP from a loopback address of its own (127.0.0.0/8 all reaches the server on 127.0.0.1)."""
+    return httpx.Client(transport=httpx.HTTPTransport(local_address=address), timeout=30)
+
+
+def flood(url: str, address: str, stop: threading.Event, answers: list) -> None:
+    with client_at(address) as client:
+        while not stop.is_set():
+            resp = client.post(f"{url}/classify_base64", content=DEEP_JSON, headers={"content-type": JSON})
+            answers.append(resp.status_code)
+
+
+def test_a_flooding_address_is_held_back_and_others_are_not(tiny_onnx_model, tmp_path):
+    """Before the penalty box: the 8 flooding connections got ~1,000 refusals answered in 4 s, each
+    one costing the worker CPU. With it (5/s, burst 5, max 1 s): at most ~5 + 5x4 + 8x4."""
+    home = tmp_path / "bentoml"
+    tag = store_in_bento_home(tiny_onnx_model, home)
+    with serve(home, tmp_path / "serve.log", tag, BOX_ENV) as srv:
+        stop, answers = threading.Event(), []
+        threads = [threading.Thread(target=flood, args=(srv.url, "127.0.0.3", stop, answers)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        ordinary, probes = [], []
+        with client_at("127.0.0.2") as good, client_at("127.0.0.3") as same:
+            deadline = time.monotonic() + 4
+            while time.monotonic() < deadline:
+                start = time.monotonic()
+                resp = good.post(f"{srv.url}/classify", files=[("images", ("a.png", PNG))])
+                ordinary.append((resp.status_code, time.monotonic() - start))
+                start = time.monotonic()
+                probes.append((same.get(f"{srv.url}/readyz").status_code, time.monotonic() - start))
+                time.sleep(0.1)
+            stop.set()
+            for t in threads:
+                t.join(timeout=30)
+            start = time.monotonic()
+            held = same.post(f"{srv.url}/classify", files=[("images", ("a.png", PNG))])
+            held_s = time.monotonic() - start
+            time.sleep(3.5)  # the debt drains: burst + max delay + one interval = 2.2 s
+            start = time.monotonic()
+            freed = same.post(f"{srv.url}/classify", files=[("images", ("a.png", PNG))])
+            freed_s = time.monotonic() - start
+        metrics = httpx.get(f"{srv.url}/metrics", timeout=10).text
+    assert set(answers) == {400} and len(answers) <= 5 + 5 * 4 + 8 * 5, len(answers)
+    assert {s for s, _ in ordinary} == {200} and max(t for _, t in ordinary) < 0.5, ordinary
+    assert {s for s, _ in probes} == {200} and max(t for _, t in probes) < 0.5, probes  # probes are exempt
+    assert held.status_code == 200 and held_s >= 0.5, held_s  # slowed, never refused
+    assert freed.status_code == 200 and freed_s < 0.3, freed_s
+    count = [line for line in metrics.splitlines() if line.startswith("classifier_penalty_delay_seconds_count")]
+    assert count and float(count[0].split()[-1]) > 0, count

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from service.config import ENV_VARS, ServiceConfig
+from svc_support import REPO
 from service.limits import ConnectionRecycleMiddleware, RequestSizeLimitMiddleware
 from service.postprocessing import predictions, softmax
 
@@ -52,8 +53,11 @@ def test_config_defaults():
     assert (cfg.providers, cfg.top_k, cfg.max_batch_size) == ("auto", 5, 64)
     assert cfg.workers == cfg.cpu_count  # one worker (session + batcher) per CPU
     assert cfg.intra_op_threads == 1
+    documented = (REPO / "docs" / "deployment.md").read_text()
     for name, (default, doc) in ENV_VARS.items():
         assert name.startswith("CLASSIFIER_") and doc
+        assert f"| `{name}` | {default or '(empty)'} |" in documented, f"{name} is not in docs/deployment.md's table"
+    assert (cfg.refusal_rate, cfg.refusal_burst, cfg.refusal_max_delay_s) == (10.0, 50, 5.0)
 
 
 def test_config_from_env_and_errors():
