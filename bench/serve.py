@@ -639,7 +639,8 @@ def git_state() -> dict:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
-    return {"commit": git("rev-parse", "HEAD"), "dirty_files": git("status", "--porcelain", "--", "service", "bench").splitlines()}
+    return {"commit": git("rev-parse", "HEAD"), "dirty_files": git("status", "--porcelain", "--", "service", "bench",
+                                                                       ":!bench/results").splitlines()}
 
 
 def find(rows: list[dict], **match) -> dict | None:
