@@ -22,26 +22,23 @@ and ``GET /metadata`` informative without opening the model.
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-from service.model_source import MODEL_FILE, REGISTRY_KEYS, bentoml_home, pointer_file, read_pointers
+from service.contract import MODEL_FILE, missing_keys, parse_metadata, read_metadata
+from service.model_source import REGISTRY_KEYS, bentoml_home, pointer_file, read_pointers
 
 from . import atomic
 from .atomic import sha256_file
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
-    "MODEL_FILE",
-    "REQUIRED_METADATA",
     "bento_model_info",
     "list_model_tags",
     "find_stored",
     "onnx_path",
     "point_alias",
-    "read_onnx_metadata",
     "read_pointers",
     "save_to_bento_store",
     "store_lock",
@@ -49,26 +46,6 @@ __all__ = [
 ]
 
 DEFAULT_MODEL_NAME = "image-classifier"
-REQUIRED_METADATA = ("classes", "in_channels", "image_size", "mean", "std")
-#: contract keys whose values are JSON (the others, e.g. mlflow_run_id, stay strings)
-JSON_KEYS = frozenset({"classes", "in_channels", "image_size", "mean", "std", "num_params"})
-
-
-def _parse(key: str, value: str) -> Any:
-    if key not in JSON_KEYS:
-        return value
-    try:
-        return json.loads(value)
-    except (json.JSONDecodeError, TypeError):
-        return value
-
-
-def read_onnx_metadata(onnx_file: str | Path) -> dict[str, str]:
-    """The ``metadata_props`` of an ONNX file (string values), without loading external weights."""
-    import onnx
-
-    model = onnx.load(str(onnx_file), load_external_data=False)
-    return {p.key: p.value for p in model.metadata_props}
 
 
 def save_to_bento_store(
@@ -91,11 +68,11 @@ def save_to_bento_store(
     src = Path(onnx_file)
     if not src.is_file():
         raise FileNotFoundError(f"ONNX model {str(src)!r} does not exist")
-    props = read_onnx_metadata(src)
-    missing = [k for k in REQUIRED_METADATA if k not in props]
+    props = read_metadata(src)
+    missing = missing_keys(props)
     if missing:
         raise ValueError(f"{src}: metadata_props lack {missing} (see docs/model-contract.md)")
-    mirrored: dict[str, Any] = {k: _parse(k, v) for k, v in props.items()}
+    mirrored: dict[str, Any] = parse_metadata(props)
     extra = dict(metadata or {})
     for key, value in extra.items():
         if key in mirrored and value not in (None, "") and mirrored[key] not in (None, "") and value != mirrored[key]:

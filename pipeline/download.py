@@ -24,7 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from . import atomic
-from .params import DataParams, ParamsError, load_params
+from . import stage
+from .stage import StageError
+from .params import DataParams, load_params
 from .paths import PREPARED_DIR, RAW_DIR, data_mirror
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -40,7 +42,7 @@ IDX_MD5 = {
 }
 
 
-class DownloadError(RuntimeError):
+class DownloadError(StageError):
     """The dataset could not be fetched or verified; the message says what to do."""
 
 
@@ -313,12 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", default=str(PREPARED_DIR))
     args = parser.parse_args(argv)
-    try:
-        params = load_params(args.params)
-        ds = fetch(params.data, RAW_DIR, data_mirror())
-    except (ParamsError, DownloadError) as err:
-        print(f"download: error: {err}", file=sys.stderr)
-        return 2
+    params = load_params(args.params)
+    ds = fetch(params.data, RAW_DIR, data_mirror())
     card = save_prepared(ds, Path(args.out))
     counts = ", ".join(f"{k} {v['count']}" for k, v in card["splits"].items())
     print(f"download: {card['dataset']} from {card['source']}: {counts} images "
@@ -328,10 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         log_dataset_card(params.train.experiment, card)
     except TrackingError as err:
-        print(f"download: error: the data is prepared, but {err}", file=sys.stderr)
-        return 3
+        raise TrackingError(f"the data is prepared, but {err}") from err
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stage.run("download", main))

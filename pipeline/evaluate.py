@@ -18,10 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import atomic, tracking
+from service.contract import softmax
+
+from . import atomic, stage, tracking
 from .download import load_card, load_prepared
 from .modelfile import load_model_file, normalize, predict_logits
-from .params import ParamsError, load_params
+from .params import load_params
 from .paths import PREPARED_DIR, arch_dir
 
 
@@ -56,12 +58,6 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
         if in_bin.any():
             ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
     return float(ece)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 @torch.no_grad()
@@ -195,13 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", required=True)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    try:
-        params = load_params(args.params)
-        params.train_for(args.arch)
-        model, meta = load_model_file(arch_dir(args.arch) / "model.pt")
-    except (ParamsError, FileNotFoundError) as err:
-        print(f"evaluate: error: {err}", file=sys.stderr)
-        return 2
+    params = load_params(args.params)
+    params.train_for(args.arch)
+    model, meta = load_model_file(arch_dir(args.arch) / "model.pt")
     tracking.check_reachable()  # a server that is down: fail now, not after MLflow's minutes of retries
     torch.set_num_threads(max(1, torch.get_num_threads()))
     test = load_prepared("test", PREPARED_DIR)
@@ -221,4 +213,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(tracking.run_stage("evaluate", main))
+    sys.exit(stage.run("evaluate", main))

@@ -15,35 +15,18 @@ import io
 import json
 import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 
-from . import atomic, tracking
+from service.contract import INPUT_NAME, MODEL_FILE, OUTPUT_NAME, metadata_props, normalize, run_logits, write_metadata
+
+from . import atomic, stage, tracking
 from .download import load_card, load_prepared
-from .modelfile import load_model_file, normalize, predict_logits
-from .params import ParamsError, load_params
-from .paths import PREPARED_DIR, arch_dir
-
-EXPORTS_DIR = Path("exports")
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
-
-
-def export_dir(arch: str) -> Path:
-    return EXPORTS_DIR / arch
-
-
-def onnx_metadata(meta: dict) -> dict[str, str]:
-    """The model contract: everything the service needs to preprocess and label (all strings)."""
-    return {
-        "classes": json.dumps(meta["classes"]), "in_channels": str(meta["in_channels"]),
-        "image_size": str(meta["image_size"]), "mean": json.dumps(meta["mean"]), "std": json.dumps(meta["std"]),
-        "arch": meta["arch"], "dataset": meta["dataset"], "mlflow_run_id": meta["mlflow_run_id"],
-        "num_params": str(meta["num_params"]), "resize": "bilinear",
-    }
-
+from .modelfile import load_model_file, predict_logits
+from .params import load_params
+from .paths import PREPARED_DIR, arch_dir, export_dir
 
 def export_onnx(model: torch.nn.Module, meta: dict, opset: int) -> onnx.ModelProto:
     """Trace to ONNX (dynamic batch axis), check it, infer shapes and embed the metadata."""
@@ -57,27 +40,16 @@ def export_onnx(model: torch.nn.Module, meta: dict, opset: int) -> onnx.ModelPro
     proto = onnx.load_from_string(buf.getvalue())
     onnx.checker.check_model(proto, full_check=True)
     proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
-    for key, value in onnx_metadata(meta).items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
+    write_metadata(proto, metadata_props(meta))
     proto.producer_name, proto.doc_string = "image-classifier-platform", f"{meta['arch']} trained on {meta['dataset']}"
     return proto
-
-
-def onnx_logits(model_bytes: bytes, inputs: torch.Tensor, batch_size: int = 1000) -> np.ndarray:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-    x = inputs.numpy()
-    return np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: x[i:i + batch_size]})[0]
-                           for i in range(0, len(x), batch_size)])
 
 
 def parity_check(model_bytes: bytes, model: torch.nn.Module, meta: dict, images: np.ndarray, labels: np.ndarray,
                  atol: float) -> dict:
     """ONNX Runtime vs PyTorch on every image: max |logit diff|, top-1 agreement, both accuracies."""
     torch_logits = predict_logits(model, images, meta["mean"], meta["std"]).numpy()
-    ort_logits = onnx_logits(model_bytes, normalize(torch.as_tensor(images), meta["mean"], meta["std"]))
+    ort_logits = run_logits(model_bytes, normalize(images, meta["mean"], meta["std"]))
     max_diff = float(np.abs(torch_logits - ort_logits).max())
     agree = torch_logits.argmax(1) == ort_logits.argmax(1)
     report = {
@@ -97,14 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     out = export_dir(args.arch)
-    try:
-        params = load_params(args.params)
-        params.train_for(args.arch)
-        model, meta = load_model_file(arch_dir(args.arch) / "model.pt")
-        eval_metrics = json.loads((arch_dir(args.arch) / "eval" / "metrics.json").read_text())
-    except (ParamsError, FileNotFoundError) as err:
-        print(f"export: error: {err}", file=sys.stderr)
-        return 2
+    params = load_params(args.params)
+    params.train_for(args.arch)
+    model, meta = load_model_file(arch_dir(args.arch) / "model.pt")
+    eval_metrics = json.loads((arch_dir(args.arch) / "eval" / "metrics.json").read_text())
     tracking.check_reachable()  # a server that is down: fail now, not after MLflow's minutes of retries
     # the ONNX file names the training run (its bytes must not depend on which store logs them)
     run = tracking.open_run(meta["mlflow_run_id"], experiment=params.train.experiment, run_name=args.arch,
@@ -128,11 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     if not report["passed"]:
         atomic.remove_tree(out)  # no stale model.onnx for a later stage to pick up (nor half of one)
         print(f"export: error: {args.arch} failed the parity gate; nothing written", file=sys.stderr)
-        return 1
+        return stage.EXIT_GATE
     with atomic.atomic_dir(out) as tmp:
-        (tmp / "model.onnx").write_bytes(model_bytes)
+        (tmp / MODEL_FILE).write_bytes(model_bytes)
         evaluation = {k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))}
-        summary = {**report, "arch": args.arch, "evaluation": evaluation, "metadata": onnx_metadata(meta)}
+        summary = {**report, "arch": args.arch, "evaluation": evaluation, "metadata": metadata_props(meta)}
         (tmp / "export.json").write_text(json.dumps(summary, indent=2) + "\n")
         parity = {k: report[k] for k in ("max_abs_logit_diff", "top1_agreement", "onnx_test_acc")}
         (tmp / "parity.json").write_text(json.dumps(parity, indent=2) + "\n")  # DVC metrics: scalars only
@@ -141,4 +109,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(tracking.run_stage("export", main))
+    sys.exit(stage.run("export", main))

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from models import create_model
+from service import contract
 
 
 def load_model_file(path: str | Path) -> tuple[nn.Module, dict]:
@@ -21,11 +23,10 @@ def load_model_file(path: str | Path) -> tuple[nn.Module, dict]:
     return model.eval(), meta
 
 
-def normalize(images_u8: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    """uint8 [N, C, H, W] -> float32 (x / 255 - mean) / std, the same arithmetic as training and serving."""
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    return (images_u8.float() / 255 - m) / s
+def normalize(images_u8, mean: list[float], std: list[float]) -> torch.Tensor:
+    """uint8 [N, C, H, W] (CPU tensor or array) -> float32 tensor: the contract's arithmetic
+    (``service.contract.normalize``), the same as serving."""
+    return torch.from_numpy(contract.normalize(np.asarray(images_u8), mean, std))
 
 
 @torch.no_grad()

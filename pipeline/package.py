@@ -17,8 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import atomic, tracking
-from .params import ParamsError, load_params
+from . import atomic, stage, tracking
+from .params import load_params
 from .paths import RELEASE_DIR, REPO_ROOT, experiments_may_promote, isolated_experiment
 from .serving import CHAMPION, ServingError, sync_alias
 
@@ -49,14 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"package: inside experiment {experiment!r} (dvc exp run --temp/--queue): the serving store is left "
               f"alone; `dvc exp apply` it and `dvc repro` in the workspace, or set PROMOTE_IN_EXPERIMENTS=1")
         return 0
-    try:
-        name = load_params(args.params).promote.registered_model
-        tracking.check_reachable()  # a server that is down: fail now, not after MLflow's minutes of retries
-        result = sync_alias(name, args.alias)
-        result["bento_tag"] = None if args.no_build else build_bento(result, args.alias)
-    except (ParamsError, ServingError, TimeoutError, tracking.TrackingError) as err:
-        print(f"package: error: {err}", file=sys.stderr)
-        return 2
+    name = load_params(args.params).promote.registered_model
+    tracking.check_reachable()  # a server that is down: fail now, not after MLflow's minutes of retries
+    result = sync_alias(name, args.alias)
+    result["bento_tag"] = None if args.no_build else build_bento(result, args.alias)
     result["model_tag"] = result["tag"]
     atomic.write_json(RELEASE_DIR / "bento.json", result)
     print(f"package: {args.alias} v{result['registry_version']} -> BentoML model {result['tag']}"
@@ -66,4 +62,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stage.run("package", main))

@@ -14,10 +14,12 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from .stage import StageError
+
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "imagefolder")
 
 
-class ParamsError(ValueError):
+class ParamsError(StageError, ValueError):
     """A bad value in params.yaml (or an override); the message names the key."""
 
 

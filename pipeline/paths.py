@@ -13,10 +13,15 @@ PREPARED_DIR = Path("data/prepared")
 OUTPUTS_DIR = Path("outputs")  # one folder per architecture
 CHECKPOINT_DIR = Path("checkpoints")  # resumable state; removed once a run completes
 RELEASE_DIR = Path("release")  # promotion.json, bento.json
+EXPORTS_DIR = Path("exports")  # one folder per architecture: model.onnx, export.json, parity.json
 
 
 def arch_dir(arch: str) -> Path:
     return OUTPUTS_DIR / arch
+
+
+def export_dir(arch: str) -> Path:
+    return EXPORTS_DIR / arch
 
 
 def checkpoint_path(arch: str) -> Path:

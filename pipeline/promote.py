@@ -32,15 +32,17 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic, tracking
+from service.contract import MODEL_FILE, normalize, read_metadata, run_logits
+
+from . import atomic, stage, tracking
 from .download import load_card, load_prepared
-from .export import EXPORTS_DIR, onnx_logits
-from .params import ParamsError, PromoteParams, load_params
-from .paths import PREPARED_DIR, RELEASE_DIR, arch_dir, experiments_may_promote, isolated_experiment
+from .params import PromoteParams, load_params
+from .paths import PREPARED_DIR, RELEASE_DIR, arch_dir, experiments_may_promote, export_dir, isolated_experiment
+from .stage import StageError
 from .serving import CHALLENGER, CHAMPION, utc_now as _now
 
 
-class PromotionError(RuntimeError):
+class PromotionError(StageError):
     pass
 
 
@@ -194,7 +196,7 @@ def register_export(name: str, export_json: Path, experiment: str) -> tuple[str,
             "test_set_sha256": report["test_set_sha256"], "parity_passed": "true",
             "parity_max_abs_logit_diff": report["max_abs_logit_diff"], "onnx_test_acc": report["onnx_test_acc"],
             **{f"metric.{k}": v for k, v in evaluation.items()}, **tracking.context_tags()}
-    uri, model_id = tracking.log_onnx_model(run_id, export_json.parent / "model.onnx", example, meta)
+    uri, model_id = tracking.log_onnx_model(run_id, export_json.parent / MODEL_FILE, example, meta)
     version = tracking.register_version(name, uri, run_id, tags, model_id)
     return version, report
 
@@ -209,16 +211,9 @@ def champion_metric_on(name: str, champion: dict, metric: str, test_sha: str) ->
                              f"test_acc can be re-measured; cannot compare {metric!r}")
     test = load_prepared("test", PREPARED_DIR)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = tracking.download_version(name, champion["version"], tmp)
-        import onnx
-
-        proto = onnx.load(str(folder / "model.onnx"))
-        meta = {p.key: p.value for p in proto.metadata_props}
-        x = (test.images.astype(np.float32) / 255 - np.array(json.loads(meta["mean"]), np.float32)[:, None, None]) \
-            / np.array(json.loads(meta["std"]), np.float32)[:, None, None]
-        import torch
-
-        logits = onnx_logits(proto.SerializeToString(), torch.from_numpy(x.astype(np.float32)))
+        model = tracking.download_version(name, champion["version"], tmp) / MODEL_FILE
+        meta = read_metadata(model)
+        logits = run_logits(model, normalize(test.images, json.loads(meta["mean"]), json.loads(meta["std"])))
     return float((logits.argmax(1) == test.labels).mean())
 
 
@@ -226,7 +221,7 @@ def register_candidates(name: str, p: PromoteParams, archs: list[str], experimen
     """Every architecture's export as a registry version (idempotent), with its gate metrics."""
     candidates, reports = [], {}
     for arch in archs:
-        version, report = register_export(name, EXPORTS_DIR / arch / "export.json", experiment)
+        version, report = register_export(name, export_dir(arch) / "export.json", experiment)
         evaluation = report["evaluation"]
         for key in (p.metric, p.tie_break):
             if key not in evaluation:
@@ -313,33 +308,29 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("rollback", help="champion back to the previous champion")
     sub.add_parser("history", help="every alias change: when, who, what, why")
     args = parser.parse_args(argv)
-    try:
-        params = load_params(args.params)
-        name = params.promote.registered_model
-        tracking.check_reachable()  # a server that is down: fail now, not after MLflow's minutes of retries
-        if args.command in (None, "auto"):
-            result = auto_promote(params.promote, list(params.models), params.train.experiment)
-            atomic.write_json(RELEASE_DIR / "promotion.json", result)
-            champion = result["champion"]
-            served = f"v{champion['version']} ({champion['arch']})" if champion else "not set"
-            print(f"promote: {name}: best {result['best']['arch']} v{result['best']['version']} "
-                  f"({params.promote.metric} {result['best'][params.promote.metric]:.5f}) -> {result['decision']}: "
-                  f"{result['reason']}; champion is {served}")
-        elif args.command == "list":
-            print(format_versions(tracking.list_versions(name), params.promote.metric))
-        elif args.command == "set":
-            entry = promote_version(name, args.version, args.alias, args.reason)
-            print(f"promote: {name}: {args.alias} -> v{entry['version']} (was v{entry['previous']})")
-        elif args.command == "rollback":
-            entry = rollback(name)
-            print(f"promote: {name}: champion rolled back to v{entry['version']} (was v{entry['previous']})")
-        elif args.command == "history":
-            print(format_history(history(name)))
-    except (ParamsError, PromotionError, FileNotFoundError, tracking.TrackingError) as err:
-        print(f"promote: error: {err}", file=sys.stderr)
-        return 2
+    params = load_params(args.params)
+    name = params.promote.registered_model
+    tracking.check_reachable()  # a server that is down: fail now, not after MLflow's minutes of retries
+    if args.command in (None, "auto"):
+        result = auto_promote(params.promote, list(params.models), params.train.experiment)
+        atomic.write_json(RELEASE_DIR / "promotion.json", result)
+        champion = result["champion"]
+        served = f"v{champion['version']} ({champion['arch']})" if champion else "not set"
+        print(f"promote: {name}: best {result['best']['arch']} v{result['best']['version']} "
+              f"({params.promote.metric} {result['best'][params.promote.metric]:.5f}) -> {result['decision']}: "
+              f"{result['reason']}; champion is {served}")
+    elif args.command == "list":
+        print(format_versions(tracking.list_versions(name), params.promote.metric))
+    elif args.command == "set":
+        entry = promote_version(name, args.version, args.alias, args.reason)
+        print(f"promote: {name}: {args.alias} -> v{entry['version']} (was v{entry['previous']})")
+    elif args.command == "rollback":
+        entry = rollback(name)
+        print(f"promote: {name}: champion rolled back to v{entry['version']} (was v{entry['previous']})")
+    elif args.command == "history":
+        print(format_history(history(name)))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stage.run("promote", main))

@@ -48,40 +48,27 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from service.contract import (INPUT_NAME, MODEL_FILE, OUTPUT_NAME, VARIANT_KEYS, cpu_session, missing_keys,
+                              normalize, read_metadata, run_logits, write_metadata)
+
 from . import atomic
 from .download import load_prepared
-from .paths import PREPARED_DIR
+from .paths import PREPARED_DIR, export_dir
+from . import stage
+from .stage import StageError
 
-EXPORTS_DIR = Path("exports")
 BENCH_DIR = Path("bench") / "results"
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
 VARIANT_FILES = {"int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
-#: metadata keys a variant adds; every other key must equal the FP32 model's
-VARIANT_KEYS = ("precision", "quantization")
 
 
-class QuantizeError(RuntimeError):
+class QuantizeError(StageError):
     """The stage cannot run (missing inputs, a converter missing); the message says what to do."""
 
 
 # --- inputs ----------------------------------------------------------------------------------------
 
-def read_metadata(proto: onnx.ModelProto) -> dict[str, str]:
-    return {p.key: p.value for p in proto.metadata_props}
-
-
-def set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> onnx.ModelProto:
-    del proto.metadata_props[:]
-    for key, value in metadata.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, str(value)
-    return proto
-
-
 def normalized(images_u8: np.ndarray, metadata: dict[str, str]) -> np.ndarray:
     """uint8 [N, C, H, W] -> float32 model input, with the service's own arithmetic and the model's mean/std."""
-    from service.preprocessing import normalize
-
     return normalize(images_u8, json.loads(metadata["mean"]), json.loads(metadata["std"]))
 
 
@@ -99,26 +86,6 @@ def calibration_sample(images: np.ndarray, count: int, seed: int = 0) -> np.ndar
 
 
 # --- ONNX Runtime helpers --------------------------------------------------------------------------
-
-def session(model: bytes | str | Path, threads: int = 0, optimization: str = "all"):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = {
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[optimization]
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
-
-
-def logits_of(model: bytes, inputs: np.ndarray, batch_size: int = 500) -> np.ndarray:
-    sess = session(model)
-    return np.concatenate([sess.run([OUTPUT_NAME], {INPUT_NAME: inputs[i:i + batch_size]})[0]
-                           for i in range(0, len(inputs), batch_size)]).astype(np.float32)
-
 
 class ImageCalibrationReader:
     """``onnxruntime.quantization.CalibrationDataReader`` over normalized images, in batches."""
@@ -189,7 +156,7 @@ def quantize_int8(fp32: bytes, calibration_inputs: np.ndarray, metadata: dict[st
                         activation_type=types[recipe.activation_type], weight_type=types[recipe.weight_type],
                         calibrate_method=methods[recipe.calibrate_method])
         proto = onnx.load(str(out))
-    set_metadata(proto, {**metadata, "precision": "int8", "quantization": json.dumps(recipe.describe())})
+    write_metadata(proto, {**metadata, "precision": "int8", "quantization": json.dumps(recipe.describe())})
     proto.doc_string = (proto.doc_string + " | " if proto.doc_string else "") + "INT8 static quantization (QDQ)"
     return proto.SerializeToString()
 
@@ -208,7 +175,7 @@ def convert_fp16(fp32: bytes, metadata: dict[str, str]) -> tuple[bytes, str]:
                                 "or onnxruntime's transformers tools") from err
         converter = "onnxruntime.transformers.float16"
     proto = float16.convert_float_to_float16(onnx.load_from_string(fp32), keep_io_types=True)
-    set_metadata(proto, {**metadata, "precision": "fp16",
+    write_metadata(proto, {**metadata, "precision": "fp16",
                          "quantization": json.dumps({"method": "fp16", "keep_io_types": True, "converter": converter})})
     return proto.SerializeToString(), converter
 
@@ -246,7 +213,7 @@ def gate(kind: str, variant: bytes | None, fp32_logits: np.ndarray, test_inputs:
     if problems:
         report.update(passed=False, failure="; ".join(problems))
         return report
-    logits = logits_of(variant, test_inputs)
+    logits = run_logits(variant, test_inputs, batch_size=500)
     acc = float((logits.argmax(1) == labels).mean())
     agreement = float((logits.argmax(1) == fp32_logits.argmax(1)).mean())
     report.update(test_acc=round(acc, 5), acc_drop=round(fp32_acc - acc, 5), top1_agreement=round(agreement, 5),
@@ -282,13 +249,13 @@ def make_variants(fp32: bytes, train_images: np.ndarray, test_images: np.ndarray
                   min_fp16_agreement: float = 0.999) -> Outcome:
     """Build and gate the requested variants (nothing is written here)."""
     metadata = read_metadata(onnx.load_from_string(fp32))
-    missing = [k for k in ("in_channels", "image_size", "mean", "std", "classes") if k not in metadata]
+    missing = missing_keys(metadata)
     if missing:
         raise QuantizeError(f"the FP32 model lacks metadata {missing} (docs/model-contract.md): re-run the export stage")
     check_data(metadata, train_images, "training")
     check_data(metadata, test_images, "test")
     test_inputs = normalized(test_images, metadata)
-    fp32_logits = logits_of(fp32, test_inputs)
+    fp32_logits = run_logits(fp32, test_inputs, batch_size=500)
     reports, variants = {}, {}
     for kind in kinds:
         started = time.perf_counter()
@@ -346,13 +313,8 @@ def _throughput(sess, inputs: np.ndarray, batch: int, seconds: float) -> dict:
 
 def optimized_fp32(fp32: bytes, workdir: Path) -> Path:
     """FP32 saved after ORT_ENABLE_ALL graph optimization (session.optimized_model_filepath)."""
-    import onnxruntime as ort
-
     path = workdir / "model.fp32.optimized.onnx"
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.optimized_model_filepath = str(path)
-    ort.InferenceSession(fp32, sess_options=options, providers=["CPUExecutionProvider"])
+    cpu_session(fp32, optimized_path=path)
     return path
 
 
@@ -370,12 +332,12 @@ def benchmark(arch: str, fp32: bytes, outcome: Outcome, test_images: np.ndarray,
         for name, model, level in candidates:
             size = len(model) if isinstance(model, bytes) else model.stat().st_size
             t0 = time.perf_counter()
-            session(model, threads=1, optimization=level)
+            cpu_session(model, threads=1, optimization=level)
             load_s = time.perf_counter() - t0
             data = model if isinstance(model, bytes) else model.read_bytes()
-            acc = float((logits_of(data, inputs).argmax(1) == test_labels).mean())
+            acc = float((run_logits(data, inputs, batch_size=500).argmax(1) == test_labels).mean())
             for n_threads in threads:
-                sess = session(model, threads=n_threads, optimization=level)
+                sess = cpu_session(model, threads=n_threads, optimization=level)
                 for batch in batches:
                     row = {"arch": arch, "variant": name, "graph_optimization_at_load": level, "threads": n_threads,
                            "batch": batch, "test_acc": round(acc, 5), "size_kib": round(size / 1024, 1),
@@ -446,8 +408,8 @@ def bench_markdown(result: dict) -> str:
 # --- the stage -------------------------------------------------------------------------------------
 
 def run_arch(args: argparse.Namespace, arch: str, kinds: list[str], recipe: Int8Recipe, speed: list, gates: dict) -> int:
-    out_dir = EXPORTS_DIR / arch
-    fp32_path = out_dir / "model.onnx"
+    out_dir = export_dir(arch)
+    fp32_path = out_dir / MODEL_FILE
     if not fp32_path.is_file():
         raise QuantizeError(f"no FP32 model at {fp32_path}: run the export stage first (python -m pipeline.export --arch {arch})")
     try:
@@ -531,4 +493,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stage.run("quantize", main))

@@ -25,15 +25,19 @@ from pathlib import Path
 
 import numpy as np
 
+from service.contract import MODEL_FILE
+
 from . import bento_store, tracking
+from . import stage
+from .stage import StageError
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 #: exit codes of `python -m pipeline.serving`, which the service's follower tells apart: a version
 #: that can never be served is refused; a store that did not answer is asked again at the next poll
-EXIT_UNSERVABLE, EXIT_STORE = 2, 3
+EXIT_UNSERVABLE, EXIT_STORE = stage.EXIT_INPUT, stage.EXIT_STORE
 
 
-class ServingError(RuntimeError):
+class ServingError(StageError):
     """The alias' version cannot be put into service; the message says why."""
 
 
@@ -70,7 +74,7 @@ def _store_version(name: str, version: dict) -> str:
     """Download, check and store one registry version; its new store tag."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = tracking.download_version(name, version["version"], tmp)
-        onnx_file = folder / bento_store.MODEL_FILE
+        onnx_file = folder / MODEL_FILE
         expected = version["tags"].get("onnx_sha256")
         if expected and bento_store.sha256_file(onnx_file) != expected:
             raise ServingError(f"v{version['version']}'s model.onnx does not match its registered SHA-256 {expected}")
@@ -131,4 +135,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stage.run("serving", main))

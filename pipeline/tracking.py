@@ -19,23 +19,17 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
+
+from service.contract import run_logits
 
 from . import atomic
 from .paths import workspace_root
+from .stage import StoreError
 
 
-class TrackingError(RuntimeError):
-    """The tracking store cannot be used; the message names the store."""
-
-
-def run_stage(stage: str, main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """``main(argv)``, with an unusable tracking store as a one-line ``<stage>: error: ...`` and exit 3."""
-    try:
-        return main(argv)
-    except TrackingError as err:
-        print(f"{stage}: error: {err}", file=sys.stderr)
-        return 3
+class TrackingError(StoreError):
+    """The tracking store cannot be used; the message names the store (a stage exits 3)."""
 
 
 def tracking_uri() -> str:
@@ -266,8 +260,7 @@ def log_onnx_model(run_id: str, onnx_path: str | Path, input_example, metadata: 
 
     ort.set_default_logger_severity(4)  # MLflow's input-example check tries CUDA first; the miss is not news
     logging.getLogger("mlflow.onnx").setLevel(logging.ERROR)
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    output = session.run(None, {session.get_inputs()[0].name: input_example})[0]
+    output = run_logits(onnx_path, input_example)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="onnx-model",
                                      signature=infer_signature(input_example, np.asarray(output)),

@@ -33,7 +33,7 @@ from torch import nn
 
 from models import create_model, summarize
 
-from . import atomic, tracking
+from . import atomic, stage, tracking
 from .download import Split, load_card, load_prepared, stratified_split
 from .params import AugmentParams, Params, ParamsError, TrainParams, load_params
 from .paths import PREPARED_DIR, arch_dir, checkpoint_path
@@ -131,7 +131,10 @@ def random_affine(x: torch.Tensor, aug: AugmentParams, gen: torch.Generator) -> 
 
 
 class BatchMaker:
-    """Turns uint8 batches into normalized float inputs: (x / 255 - mean) / std, per channel."""
+    """Turns uint8 batches into normalized float inputs: (x / 255 - mean) / std, per channel.
+
+    The contract's formula (``service.contract.normalize``) in torch, on the training device, with
+    the augmentation between its two steps; tests/test_contract.py checks they agree."""
 
     def __init__(self, mean: list[float], std: list[float], device: torch.device, channels_last: bool):
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
@@ -487,27 +490,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--stop-after-epochs", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    params = load_params(args.params)
+    p = params.train_for(args.arch)
     try:
-        params = load_params(args.params)
-        p = params.train_for(args.arch)
         device = resolve_device(p)
         create_model(args.arch, 1, 10, 28, **params.models[args.arch].kwargs)  # bad kwargs fail before any work
-        if not (PREPARED_DIR / "card.json").is_file():
-            raise ParamsError(f"no prepared dataset in {PREPARED_DIR}: run `python -m pipeline.download` first")
-    except (ParamsError, ValueError) as err:
-        print(f"train: error: {err}", file=sys.stderr)
-        return 2
+    except ValueError as err:
+        raise ParamsError(str(err)) from err
+    if not (PREPARED_DIR / "card.json").is_file():
+        raise ParamsError(f"no prepared dataset in {PREPARED_DIR}: run `python -m pipeline.download` first")
     ctx = init_distributed(device.type)
     if device.type == "cpu":
         configure_threads(ctx)
-    try:
+    try:  # a ParamsError from here: checks that need the data (batch size vs split size)
         train(args.arch, params, ctx=ctx, stop_after_epochs=args.stop_after_epochs)
-    except ParamsError as err:  # checks that need the data (batch size vs split size) come from train()
-        print(f"train: error: {err}", file=sys.stderr)
-        return 2
-    except tracking.TrackingError as err:
-        print(f"train: error: {err}", file=sys.stderr)
-        return 3
     finally:
         if ctx.enabled:
             dist.destroy_process_group()
@@ -515,4 +511,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stage.run("train", main))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .preprocessing import PreprocessSpec
+from .contract import INPUT_NAME, OUTPUT_NAME, PreprocessSpec, check_graph
 
 __all__ = ["OnnxClassifier", "ProviderError", "cuda_driver_present", "resolve_providers"]
 
@@ -133,28 +133,7 @@ class OnnxClassifier:
 
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         self.spec = PreprocessSpec.from_metadata(self.metadata)
-        self._check_graph()
-
-    def _check_graph(self) -> None:
-        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        if [i.name for i in inputs] != ["input"]:
-            raise ValueError(f"model must have exactly one input named 'input', has {[i.name for i in inputs]}")
-        if "logits" not in [o.name for o in outputs]:
-            raise ValueError(f"model must have an output named 'logits', has {[o.name for o in outputs]}")
-        if inputs[0].type != "tensor(float)":
-            raise ValueError(f"model input must be float32, is {inputs[0].type}")
-        shape = inputs[0].shape
-        if len(shape) != 4:
-            raise ValueError(f"model input must be [N, C, H, W], is {shape}")
-        for got, want, what in zip(shape[1:], self.spec.input_shape, ("C", "H", "W")):
-            if isinstance(got, int) and got != want:
-                raise ValueError(f"model input {what}={got} disagrees with metadata ({self.spec.input_shape})")
-        logits = next(o for o in outputs if o.name == "logits")
-        num = logits.shape[-1] if logits.shape else None
-        if not self.spec.classes:
-            raise ValueError("model metadata lacks 'classes'")
-        if isinstance(num, int) and num != len(self.spec.classes):
-            raise ValueError(f"model has {num} logits but metadata lists {len(self.spec.classes)} classes")
+        check_graph(self.session.get_inputs(), self.session.get_outputs(), self.spec)
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -168,7 +147,7 @@ class OnnxClassifier:
         if batch.shape[0] == 0:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        (out,) = self.session.run(["logits"], {"input": batch})
+        (out,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})
         return np.asarray(out, dtype=np.float32)
 
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> float:
@@ -188,8 +167,8 @@ class OnnxClassifier:
         return {
             "classes": list(self.classes),
             "input_shape": [None, *self.spec.input_shape],
-            "input_name": "input",
-            "output_name": "logits",
+            "input_name": INPUT_NAME,
+            "output_name": OUTPUT_NAME,
             "normalization": {"mean": list(self.spec.mean), "std": list(self.spec.std), "scale": "x / 255"},
             "resize": self.spec.resize,
             "in_channels": self.spec.channels,

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Optional
 
 POINTER_DIR = "aliases"
-MODEL_FILE = "model.onnx"  # a store entry's model file
 #: a stored version's facts, in its labels (else metadata); never an alias, which moves
 REGISTRY_KEYS = ("registry_version", "mlflow_run_id")
 

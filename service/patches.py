@@ -13,6 +13,15 @@
    those two headers with non-ASCII bytes escaped (``\xff``); they are invalid either way.
 5. ``Service.add_asgi_middleware`` can only add layers inside BentoML's own, so a request a layer
    of ours delays would hold a concurrency slot; ``patch_outermost_middleware`` puts one outside.
+6. BentoML derives each API's response media type from its output's JSON schema, regenerated on
+   every response unless ``media_type`` is set; ``patch_media_types`` computes it once.
+7. A worker that exits without BentoML's ``__del__`` leaves its live Prometheus gauges counted;
+   ``mark_metrics_process_dead`` tells the multiprocess collector first.
+
+Each is written against BentoML ``TESTED_BENTOML`` and listed in ``WORKAROUNDS`` with its upstream
+report; ``check_bentoml_version`` warns at start-up when another minor release is installed, and
+each patch checks the class it replaces and leaves it alone (with a warning) when it changed.
+Elsewhere: ``service.limits.ConnectionRecycleMiddleware`` (BentoML #5426).
 
 The first, in detail:
 
@@ -39,6 +48,33 @@ from typing import Any, Callable
 from starlette.responses import JSONResponse
 
 logger = logging.getLogger("bentoml.classifier")
+
+#: the BentoML release these workarounds were written and tested against (pyproject: bentoml>=1.4,<1.5)
+TESTED_BENTOML = "1.4.40"
+#: workaround -> its upstream report ("not filed": none found in BentoML's issues on 2026-12-01)
+WORKAROUNDS = {
+    "patch_timeout_middleware": "not filed",
+    "patch_metrics_paths": "not filed (the usual fix: label by route template, `other` for unmatched)",
+    "patch_concurrency_limit": "not filed",
+    "patch_access_log": "not filed",
+    "patch_outermost_middleware": "not filed (a missing feature: outer middleware)",
+    "patch_media_types": "not filed",
+    "mark_metrics_process_dead": "not filed",
+    "service.limits.ConnectionRecycleMiddleware": "https://github.com/bentoml/BentoML/issues/5426",
+}
+
+
+def check_bentoml_version(installed: str | None = None) -> bool:
+    """False, and a warning naming the workarounds, when BentoML's minor release is not TESTED_BENTOML's."""
+    if installed is None:
+        import bentoml
+
+        installed = bentoml.__version__
+    if installed.split(".")[:2] == TESTED_BENTOML.split(".")[:2]:
+        return True
+    logger.warning("BentoML %s is installed; service/patches.py's workarounds (%s) were written for %s: check "
+                   "that each is still needed and still fits", installed, ", ".join(WORKAROUNDS), TESTED_BENTOML)
+    return False
 
 
 async def _timeout_call(self: Any, scope: dict, receive: Any, send: Any) -> None:
@@ -194,3 +230,21 @@ def patch_outermost_middleware(middleware: type, **options: Any) -> bool:
 
     Factory.middlewares = property(middlewares)
     return True
+
+
+def patch_media_types(*services: Any) -> None:
+    """Compute each API's response media type once (item 6 above)."""
+    for svc in services:
+        for method in svc.apis.values():
+            spec = method.output_spec
+            if getattr(spec, "media_type", None) is None:
+                spec.media_type = spec.mime_type()
+
+
+def mark_metrics_process_dead() -> None:
+    """Before ``os._exit``: this process' live gauges are gone (item 7; BentoML does it in a ``__del__``)."""
+    try:
+        container = _bentoml_class("bentoml._internal.container", "BentoMLContainer")
+        container.metrics_client.get().mark_process_dead()
+    except Exception:  # best effort: the exit matters more
+        logger.exception("could not mark this worker's metrics dead")

@@ -5,18 +5,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .contract import softmax
+
 __all__ = ["softmax", "predictions"]
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise, numerically stable softmax of ``[N, K]`` logits, computed in float64, returned float32."""
-    x = np.asarray(logits, dtype=np.float64)
-    if x.ndim != 2:
-        raise ValueError(f"expected logits of shape [N, K], got {x.shape}")
-    x = x - x.max(axis=1, keepdims=True)
-    np.exp(x, out=x)
-    x /= x.sum(axis=1, keepdims=True)
-    return x.astype(np.float32)
 
 
 def predictions(logits: np.ndarray, classes: Sequence[str], k: int) -> list[dict]:

@@ -25,14 +25,13 @@ Every failure caused by the input raises :class:`ImageError`, which carries a ma
 from __future__ import annotations
 
 import io
-import json
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from .contract import PreprocessSpec, normalize  # the contract's; re-exported for these steps' callers
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -71,7 +70,7 @@ _DRAFTABLE = frozenset({"JPEG", "MPO"})
 #: Pillow format names accepted (MPO is what Pillow calls many camera JPEGs).
 SUPPORTED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "WEBP", "BMP", "DIB", "TIFF", "GIF"})
 
-#: Contract ``resize`` values -> Pillow filters.
+#: Contract ``resize`` values (``contract.RESIZE_FILTERS``) -> Pillow filters.
 RESAMPLE_FILTERS: Mapping[str, Image.Resampling] = {
     "nearest": Image.Resampling.NEAREST,
     "box": Image.Resampling.BOX,
@@ -112,82 +111,6 @@ class ImageError(ValueError):
     @property
     def status(self) -> int:
         return self.STATUS[self.reason]
-
-
-# --- model metadata -> preprocessing parameters ---------------------------------------------------
-
-def _parse(value: Any) -> Any:
-    """Contract values are strings holding JSON for structured values; accept parsed values too."""
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            return value
-    return value
-
-
-@dataclass(frozen=True)
-class PreprocessSpec:
-    """Everything needed to turn an image into a model input, read from the model's metadata."""
-
-    channels: int
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    resize: str = "bilinear"
-    classes: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.channels not in (1, 3):
-            raise ValueError(f"in_channels must be 1 or 3, got {self.channels!r}")
-        if not isinstance(self.image_size, int) or self.image_size < 1:
-            raise ValueError(f"image_size must be a positive integer, got {self.image_size!r}")
-        for name, values in (("mean", self.mean), ("std", self.std)):
-            if len(values) != self.channels:
-                raise ValueError(f"{name} needs {self.channels} value(s) (one per channel), got {list(values)}")
-            if not all(math.isfinite(v) for v in values):
-                raise ValueError(f"{name} values must be finite, got {list(values)}")
-        if any(v <= 0 for v in self.std):
-            raise ValueError(f"std values must be > 0, got {list(self.std)}")
-        if self.resize not in RESAMPLE_FILTERS:
-            raise ValueError(f"resize must be one of {sorted(RESAMPLE_FILTERS)}, got {self.resize!r}")
-
-    @classmethod
-    def from_metadata(cls, metadata: Mapping[str, Any]) -> "PreprocessSpec":
-        """Build from ONNX ``metadata_props`` (string values) or their parsed mirror (bento model metadata).
-
-        Required keys: ``in_channels``, ``image_size``, ``mean``, ``std``; optional: ``resize``
-        (default ``bilinear``), ``classes``. Raises ``ValueError`` naming the bad key.
-        """
-        missing = [k for k in ("in_channels", "image_size", "mean", "std") if k not in metadata]
-        if missing:
-            raise ValueError(f"model metadata lacks required key(s) {missing}; see docs/model-contract.md")
-        try:
-            channels = int(_parse(metadata["in_channels"]))
-            image_size = int(_parse(metadata["image_size"]))
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"model metadata in_channels/image_size must be integers: {err}") from err
-        values: dict[str, tuple[float, ...]] = {}
-        for key in ("mean", "std"):
-            raw = _parse(metadata[key])
-            if isinstance(raw, (int, float)):
-                raw = [raw]
-            if not isinstance(raw, list) or not all(isinstance(v, (int, float)) for v in raw):
-                raise ValueError(f"model metadata {key!r} must be a JSON list of numbers, got {metadata[key]!r}")
-            values[key] = tuple(float(v) for v in raw)
-        classes: tuple[str, ...] = ()
-        if "classes" in metadata:
-            raw = _parse(metadata["classes"])
-            if not isinstance(raw, list) or not raw:
-                raise ValueError(f"model metadata 'classes' must be a non-empty JSON list, got {metadata['classes']!r}")
-            classes = tuple(str(c) for c in raw)
-        resize = str(_parse(metadata.get("resize", "bilinear")) or "bilinear").lower()
-        return cls(channels, image_size, values["mean"], values["std"], resize, classes)
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """``(C, H, W)`` of one model input."""
-        return (self.channels, self.image_size, self.image_size)
 
 
 # --- decoding --------------------------------------------------------------------------------------
@@ -393,22 +316,6 @@ def image_to_array(
     decode at reduced scale, down to ``DRAFT_OVERSAMPLE x size`` per side."""
     img = decode_image(data, channels, max_pixels=max_pixels, draft_to=DRAFT_OVERSAMPLE * size)
     return to_chw_uint8(resize_image(img, size, resample))
-
-
-def normalize(batch: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """``uint8 [..., C, H, W]`` -> ``float32``: ``x / 255`` then ``(x - mean[c]) / std[c]``."""
-    batch = np.asarray(batch)
-    if batch.dtype != np.uint8:
-        raise ValueError(f"normalize expects uint8 pixels, got {batch.dtype}")
-    if batch.ndim not in (3, 4):
-        raise ValueError(f"normalize expects [C,H,W] or [N,C,H,W], got shape {batch.shape}")
-    channels = batch.shape[-3]
-    if len(mean) != channels or len(std) != channels:
-        raise ValueError(f"mean/std need {channels} value(s), got {list(mean)} / {list(std)}")
-    m = np.asarray(mean, dtype=np.float32).reshape(channels, 1, 1)
-    s = np.asarray(std, dtype=np.float32).reshape(channels, 1, 1)
-    x = batch.astype(np.float32) / np.float32(255.0)
-    return ((x - m) / s).astype(np.float32, copy=False)
 
 
 def preprocess_batch(

@@ -60,9 +60,11 @@ from service.engine import OnnxClassifier
 from service.follower import AliasFollower, Unservable
 from service.limits import (CancelOnDisconnectMiddleware, ConnectionRecycleMiddleware, JsonErrorsMiddleware,
                             RequestSizeLimitMiddleware)
-from service.model_source import (MODEL_FILE, REGISTRY_KEYS, NoModelForAlias, Selection, pointer_file,
+from service.contract import MODEL_FILE
+from service.model_source import (REGISTRY_KEYS, NoModelForAlias, Selection, pointer_file,
                                   read_pointers, select_model)
-from service.patches import (patch_access_log, patch_concurrency_limit, patch_metrics_paths,
+from service.patches import (check_bentoml_version, mark_metrics_process_dead, patch_access_log,
+                             patch_concurrency_limit, patch_media_types, patch_metrics_paths,
                              patch_outermost_middleware, patch_timeout_middleware)
 from service.penalty import PenaltyBoxMiddleware, RefusalPenalty
 from service.postprocessing import predictions
@@ -71,6 +73,7 @@ from service.shadow import Shadow
 from service.ui import ServerTimingMiddleware, ui_routes
 
 CONFIG = ServiceConfig.from_env()
+check_bentoml_version()  # a warning when the installed BentoML is not the one the workarounds were written for
 patch_timeout_middleware()  # BentoML's per-request timeout timers otherwise live for the whole timeout
 patch_concurrency_limit()  # its 429 in the API's error shape, with Retry-After
 patch_access_log()  # a non-UTF-8 Content-Type no longer cuts the response off
@@ -837,12 +840,7 @@ def _over_budget(budget: DecodeBudget, headers: list, capacity: int) -> Optional
 def _exit_stuck() -> None:
     """Leave at once (a stuck thread would block a clean exit), telling Prometheus' multiprocess
     collector first that this process' live gauges are gone (BentoML does it in a __del__)."""
-    try:
-        from bentoml._internal.container import BentoMLContainer
-
-        BentoMLContainer.metrics_client.get().mark_process_dead()
-    except Exception:  # best effort: the exit matters more
-        logger.exception("could not mark the stuck worker's metrics dead")
+    mark_metrics_process_dead()
     os._exit(EXIT_MODEL_STUCK)
 
 
@@ -879,17 +877,7 @@ def _ready_response(result: Any, slot: Slot) -> Any:
     return JSONResponse(result, headers=slot.headers) if isinstance(result, list) else result
 
 
-def _fix_media_types(*services: Any) -> None:
-    """Compute each API's response media type once: BentoML 1.4 derives it from the output's JSON
-    schema, regenerated on every response unless ``media_type`` is set."""
-    for svc in services:
-        for method in svc.apis.values():
-            spec = method.output_spec
-            if getattr(spec, "media_type", None) is None:
-                spec.media_type = spec.mime_type()
-
-
-_fix_media_types(Classifier)
+patch_media_types(Classifier)  # each API's response media type computed once, not per response
 
 #: paths with their own /metrics label; any other path is counted as `other` (service.patches)
 SERVED_PATHS = frozenset({*(api.route for api in Classifier.apis.values()), *(r.path for r in _metadata_app.routes),

@@ -607,8 +607,8 @@ def test_a_full_disk_during_evaluate_keeps_the_old_eval_folder(clone, tmp_path):
 STAGES_AND_OUTPUTS = [  # (stage, the exit code for an unusable store, what must not change)
     (["pipeline.evaluate", "--arch", "mlp"], 3, "outputs/mlp/eval"),
     (["pipeline.export", "--arch", "mlp"], 3, "exports/mlp"),
-    (["pipeline.promote"], 2, "release"),
-    (["pipeline.package", "--no-build"], 2, "release"),
+    (["pipeline.promote"], 3, "release"),
+    (["pipeline.package", "--no-build"], 3, "release"),
 ]
 
 

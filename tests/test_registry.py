@@ -153,13 +153,44 @@ def test_bad_promote_params_fail_fast(project):
 
 def test_stage_entry_points_turn_an_unusable_store_into_exit_3(capsys):
     from pipeline import tracking
+    from pipeline.stage import run
 
     def main(argv):
         raise tracking.TrackingError("tracking server http://127.0.0.1:9 is unreachable")
 
-    assert tracking.run_stage("evaluate", main) == 3
+    assert run("evaluate", main) == 3
     assert capsys.readouterr().err == "evaluate: error: tracking server http://127.0.0.1:9 is unreachable\n"
-    assert tracking.run_stage("export", lambda argv: 0) == 0
+    assert run("export", lambda argv: 0) == 0
+
+
+@pytest.mark.parametrize("error, code", [
+    ("pipeline.params:ParamsError", 2), ("pipeline.download:DownloadError", 2), ("pipeline.promote:PromotionError", 2),
+    ("pipeline.serving:ServingError", 2), ("pipeline.quantize:QuantizeError", 2), ("builtins:FileNotFoundError", 2),
+    ("pipeline.tracking:RegistryBusy", 3), ("builtins:TimeoutError", 3), ("builtins:OSError", 4),
+])
+def test_every_stage_error_has_its_exit_code_and_one_line(capsys, error, code):
+    """The README's exit-code table (pipeline/stage.py): every stage module's error class is one row."""
+    import importlib
+
+    from pipeline.stage import run
+
+    module, name = error.split(":")
+    cls = getattr(importlib.import_module(module), name)
+
+    def main(argv):
+        raise cls("what went wrong")
+
+    assert run("somestage", main) == code
+    assert capsys.readouterr().err == "somestage: error: what went wrong\n"
+
+
+def test_every_stage_module_ends_through_the_one_entry_point():
+    from pathlib import Path
+
+    for module in sorted((Path(__file__).resolve().parents[1] / "pipeline").glob("*.py")):
+        text = module.read_text()
+        if 'if __name__ == "__main__":' in text:
+            assert f'sys.exit(stage.run("{module.stem}", main))' in text, module
 
 
 def test_a_store_moved_while_serving_reads_it_is_a_store_error_not_no_alias(tmp_path, monkeypatch):
