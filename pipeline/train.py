@@ -219,14 +219,47 @@ def progress_bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="img", unit_scale=True, leave=False, dynamic_ncols=True)
 
 
-def train_epoch(model, data: DeviceData, make_batch: BatchMaker, opt, sched, loss_fn, p: TrainParams,
-                epoch: int, dataset: str, ctx: DistContext, autocast_dtype, scaler, show_progress: bool) -> EpochStats:
-    model.train()
+@dataclass
+class Fit:
+    """What a training run steps with: built once by :func:`build_fit`, read by :func:`train_epoch`."""
+
+    model: nn.Module
+    make_batch: BatchMaker
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: nn.Module
+    p: TrainParams
+    ctx: DistContext
+    dataset: str  # selects the augmentation (TrainParams.augment_for)
+    autocast_dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on a batch; (loss, logits)."""
+        device_type = x.device.type
+        with torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            logits = self.model(x)
+            loss = self.loss_fn(logits, y)
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.opt.step()
+        self.sched.step()
+        return loss, logits
+
+
+def train_epoch(fit: Fit, data: DeviceData, epoch: int, show_progress: bool = False) -> EpochStats:
+    p, ctx = fit.p, fit.ctx
+    fit.model.train()
     device = data.images.device
     indices = epoch_indices(len(data), epoch, p.seed, ctx, device)
     batch = max(1, p.batch_size // ctx.world_size)  # global batch = train.batch_size
     steps = len(data) // ctx.world_size // batch  # whole batches from the smallest shard: equal on every rank
-    aug = p.augment_for(dataset)
+    aug = p.augment_for(fit.dataset)
     gen = torch.Generator(device=device).manual_seed(p.seed * 7919 + epoch * 31 + ctx.rank)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -234,19 +267,8 @@ def train_epoch(model, data: DeviceData, make_batch: BatchMaker, opt, sched, los
     start = time.perf_counter()
     for step in range(steps):
         idx = indices[step * batch:(step + 1) * batch]
-        x, y = make_batch(data.images[idx], aug, gen), data.labels[idx]
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(x)
-            loss = loss_fn(logits, y)
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
-        sched.step()
+        y = data.labels[idx]
+        loss, logits = fit.step(fit.make_batch(data.images[idx], aug, gen), y)
         loss_sum += loss.detach().double() * len(y)
         correct += (logits.argmax(1) == y).sum()
         if bar is not None:
@@ -331,104 +353,124 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def build_fit(arch: str, kwargs: dict, p: TrainParams, card: dict, train_images: int, device: torch.device,
+              ctx: DistContext) -> tuple[Fit, dict, dict]:
+    """The model (on ``device``, channels_last when asked), optimizer, schedule and AMP scaler; with
+    the model's summary and the configuration a checkpoint must match."""
+    channels, size = card["channels"], card["image_size"]
+    model = create_model(arch, channels, card["num_classes"], size, **kwargs)
+    summary = summarize(model, (channels, size, size))
+    memory_format = torch.channels_last if p.channels_last else torch.contiguous_format
+    model = model.to(device=device, memory_format=memory_format)
+    steps_per_epoch = train_images // ctx.world_size // max(1, p.batch_size // ctx.world_size)
+    if steps_per_epoch < 1:
+        raise ParamsError(f"params: train.batch_size = {p.batch_size} is larger than the training split "
+                          f"({train_images} images)")
+    opt = make_optimizer(model, p)
+    autocast_dtype = amp_dtype(p, device)
+    fit = Fit(model, BatchMaker(card["mean"], card["std"], device, p.channels_last), opt,
+              make_scheduler(opt, p, steps_per_epoch), nn.CrossEntropyLoss(label_smoothing=p.label_smoothing), p, ctx,
+              card["dataset"], autocast_dtype,
+              torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None)
+    config = {"arch": arch, "kwargs": kwargs, "train": dataclasses.asdict(p), "world_size": ctx.world_size,
+              "data_sha256": card["splits"]["train"]["sha256"]}
+    return fit, summary, config
+
+
+def resume(fit: Fit, state: dict | None) -> tuple[int, list[dict]]:
+    """Load a matching checkpoint into ``fit``; (epochs already done, their history)."""
+    if state is None:
+        return 0, []
+    fit.model.load_state_dict(state["model"])
+    fit.opt.load_state_dict(state["optimizer"])
+    fit.sched.load_state_dict(state["scheduler"])
+    if fit.scaler is not None and state.get("scaler"):
+        fit.scaler.load_state_dict(state["scaler"])
+    return state["epoch"], list(state["history"])
+
+
+def open_train_run(arch: str, kwargs: dict, fit: Fit, card: dict, summary: dict, device: torch.device,
+                   state: dict | None):
+    """The MLflow run (the checkpoint's own when resuming), with params, dataset card and summary."""
+    p = fit.p
+    run = tracking.start_run(p.experiment, arch, tags={"stage": "train", "arch": arch, "dataset": card["dataset"]},
+                             resume_run_id=state.get("mlflow_run_id") if state else None)
+    run.log_params({"arch": arch, "model_kwargs": json.dumps(kwargs), **dataclasses.asdict(p),
+                    "dataset": card["dataset"], "device": str(device), "world_size": fit.ctx.world_size,
+                    "amp": str(fit.autocast_dtype).replace("torch.", "") if fit.autocast_dtype else "off",
+                    "num_params": summary["num_params"], "macs": summary["macs"]})
+    run.log_dict(card, "dataset_card.json")
+    run.log_dict({**summary, "architecture": repr(unwrap(fit.model))}, "model_summary.json")
+    return run
+
+
+def epoch_row(epoch: int, stats: EpochStats, val: EpochStats, lr: float) -> dict:
+    return {"epoch": epoch + 1, "train_loss": round(stats.loss, 5), "train_acc": round(stats.accuracy, 5),
+            "val_loss": round(val.loss, 5), "val_acc": round(val.accuracy, 5), "lr": lr,
+            "images_per_sec": round(stats.images_per_sec, 1), "epoch_seconds": round(stats.seconds, 2)}
+
+
+def checkpoint_state(fit: Fit, epoch: int, config: dict, history: list[dict], run_id: str) -> dict:
+    return {"model": unwrap(fit.model).state_dict(), "optimizer": fit.opt.state_dict(),
+            "scheduler": fit.sched.state_dict(), "scaler": fit.scaler.state_dict() if fit.scaler is not None else {},
+            "epoch": epoch + 1, "params": config, "fingerprint": fingerprint(config), "history": history,
+            "mlflow_run_id": run_id}
+
+
+def run_epochs(fit: Fit, train_data: DeviceData, val_data: DeviceData, epochs: range, history: list[dict], run,
+               ckpt_path: Path, config: dict, show_progress: bool, stop_after: int | None) -> list[dict]:
+    """Train and validate each epoch; rank 0 logs it and checkpoints after it. The grown history."""
+    p, ctx = fit.p, fit.ctx
+    for done, epoch in enumerate(epochs, start=1):
+        lr = fit.opt.param_groups[0]["lr"]
+        stats = train_epoch(fit, train_data, epoch, show_progress)
+        val = evaluate(fit.model, val_data, fit.make_batch, ctx, autocast_dtype=fit.autocast_dtype)
+        history.append(epoch_row(epoch, stats, val, lr))
+        if ctx.is_main:
+            print(f"train: {config['arch']} epoch {epoch + 1}/{p.epochs}  loss {stats.loss:.4f}  "
+                  f"acc {stats.accuracy:.4f}  val_loss {val.loss:.4f}  val_acc {val.accuracy:.4f}  lr {lr:.4g}  "
+                  f"{stats.images_per_sec:,.0f} img/s  {stats.seconds:.1f}s", flush=True)
+            run.log_metrics({k: v for k, v in history[-1].items() if k != "epoch"}, step=epoch + 1)
+            save_checkpoint(ckpt_path, checkpoint_state(fit, epoch, config, history, run.run_id))
+        if ctx.enabled:
+            dist.barrier()  # nobody runs ahead of the checkpoint
+        if stop_after is not None and done >= stop_after:
+            break
+    return history
+
+
 def train(arch: str, params: Params, *, prepared_dir: Path = PREPARED_DIR, out_dir: Path | None = None,
           ckpt_path: Path | None = None, ctx: DistContext = DistContext(), show_progress: bool = True,
           stop_after_epochs: int | None = None) -> TrainResult:
     """Train `arch` end to end: data, model, loop, checkpoints, MLflow run, outputs (rank 0 writes)."""
-    p = params.train_for(arch)
-    spec = params.models[arch]
-    out_dir = out_dir or arch_dir(arch)
-    ckpt_path = ckpt_path or checkpoint_path(arch)
+    p, kwargs = params.train_for(arch), params.models[arch].kwargs
+    out_dir, ckpt_path = out_dir or arch_dir(arch), ckpt_path or checkpoint_path(arch)
     device = resolve_device(p, ctx.local_rank)
     torch.manual_seed(p.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-
     card = load_card(prepared_dir)
     train_split, val_split = stratified_split(load_prepared("train", prepared_dir), p.val_fraction, p.seed)
     train_data, val_data = DeviceData.from_split(train_split, device), DeviceData.from_split(val_split, device)
-    channels, size, num_classes = card["channels"], card["image_size"], card["num_classes"]
-
-    model = create_model(arch, channels, num_classes, size, **spec.kwargs)
-    summary = summarize(model, (channels, size, size))
-    memory_format = torch.channels_last if p.channels_last else torch.contiguous_format
-    model = model.to(device=device, memory_format=memory_format)
-    make_batch = BatchMaker(card["mean"], card["std"], device, p.channels_last)
-
-    config = {"arch": arch, "kwargs": spec.kwargs, "train": dataclasses.asdict(p), "world_size": ctx.world_size,
-              "data_sha256": card["splits"]["train"]["sha256"]}
-    steps_per_epoch = len(train_data) // ctx.world_size // max(1, p.batch_size // ctx.world_size)
-    if steps_per_epoch < 1:
-        raise ParamsError(f"params: train.batch_size = {p.batch_size} is larger than the training split "
-                          f"({len(train_data)} images)")
-    opt = make_optimizer(model, p)
-    sched = make_scheduler(opt, p, steps_per_epoch)
-    autocast_dtype = amp_dtype(p, device)
-    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
-
+    fit, summary, config = build_fit(arch, kwargs, p, card, len(train_data), device, ctx)
     state = load_checkpoint(ckpt_path, fingerprint(config))
-    start_epoch, history = 0, []
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, history = state["epoch"], list(state["history"])
-    resumed_from = start_epoch
+    start_epoch, history = resume(fit, state)
     if ctx.enabled:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if device.type == "cuda" else None)
-
-    run = tracking.NullRun()
+        fit.model = nn.parallel.DistributedDataParallel(fit.model, device_ids=[ctx.local_rank] if device.type == "cuda" else None)
+    run = open_train_run(arch, kwargs, fit, card, summary, device, state) if ctx.is_main else tracking.NullRun()
     if ctx.is_main:
-        run = tracking.start_run(p.experiment, arch, tags={"stage": "train", "arch": arch, "dataset": card["dataset"]},
-                                 resume_run_id=state.get("mlflow_run_id") if state else None)
-        run.log_params({"arch": arch, "model_kwargs": json.dumps(spec.kwargs), **dataclasses.asdict(p),
-                        "dataset": card["dataset"], "device": str(device), "world_size": ctx.world_size,
-                        "amp": str(autocast_dtype).replace("torch.", "") if autocast_dtype else "off",
-                        "num_params": summary["num_params"], "macs": summary["macs"]})
-        run.log_dict(card, "dataset_card.json")
-        run.log_dict({**summary, "architecture": repr(unwrap(model))}, "model_summary.json")
-        if resumed_from:
-            print(f"train: {arch}: resuming from checkpoint {ckpt_path} after epoch {resumed_from}", flush=True)
-    print(f"train: {arch} on {device} ({'AMP ' + str(autocast_dtype) if autocast_dtype else 'fp32'}), "
-          f"{summary['num_params']:,} params, {summary['macs']:,} MACs/image, "
-          f"{len(train_data)} train / {len(val_data)} val images, world size {ctx.world_size}", flush=True) \
-        if ctx.is_main else None
-
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
+        if start_epoch:
+            print(f"train: {arch}: resuming from checkpoint {ckpt_path} after epoch {start_epoch}", flush=True)
+        print(f"train: {arch} on {device} ({'AMP ' + str(fit.autocast_dtype) if fit.autocast_dtype else 'fp32'}), "
+              f"{summary['num_params']:,} params, {summary['macs']:,} MACs/image, "
+              f"{len(train_data)} train / {len(val_data)} val images, world size {ctx.world_size}", flush=True)
     t0 = time.perf_counter()
-    epochs_run = 0
-    for epoch in range(start_epoch, p.epochs):
-        lr = opt.param_groups[0]["lr"]
-        stats = train_epoch(model, train_data, make_batch, opt, sched, loss_fn, p, epoch, card["dataset"], ctx,
-                            autocast_dtype, scaler, show_progress)
-        val = evaluate(model, val_data, make_batch, ctx, autocast_dtype=autocast_dtype)
-        row = {"epoch": epoch + 1, "train_loss": round(stats.loss, 5), "train_acc": round(stats.accuracy, 5),
-               "val_loss": round(val.loss, 5), "val_acc": round(val.accuracy, 5), "lr": lr,
-               "images_per_sec": round(stats.images_per_sec, 1), "epoch_seconds": round(stats.seconds, 2)}
-        history.append(row)
-        if ctx.is_main:
-            print(f"train: {arch} epoch {epoch + 1}/{p.epochs}  loss {stats.loss:.4f}  acc {stats.accuracy:.4f}  "
-                  f"val_loss {val.loss:.4f}  val_acc {val.accuracy:.4f}  lr {lr:.4g}  "
-                  f"{stats.images_per_sec:,.0f} img/s  {stats.seconds:.1f}s", flush=True)
-            run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
-            save_checkpoint(ckpt_path, {
-                "model": unwrap(model).state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else {}, "epoch": epoch + 1,
-                "params": config, "fingerprint": fingerprint(config), "history": history,
-                "mlflow_run_id": run.run_id,
-            })
-        if ctx.enabled:
-            dist.barrier()  # nobody runs ahead of the checkpoint
-        epochs_run += 1
-        if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
-            break
-
-    val = evaluate(model, val_data, make_batch, ctx, autocast_dtype=autocast_dtype)
-    result = TrainResult(arch, history, val, time.perf_counter() - t0, str(device), summary, run.run_id, resumed_from)
+    history = run_epochs(fit, train_data, val_data, range(start_epoch, p.epochs), history, run, ckpt_path, config,
+                         show_progress, stop_after_epochs)
+    val = evaluate(fit.model, val_data, fit.make_batch, ctx, autocast_dtype=fit.autocast_dtype)
+    result = TrainResult(arch, history, val, time.perf_counter() - t0, str(device), summary, run.run_id, start_epoch)
     if ctx.is_main and len(history) == p.epochs:
-        write_outputs(out_dir, unwrap(model), result, card, arch, spec.kwargs, p)
+        write_outputs(out_dir, unwrap(fit.model), result, card, arch, kwargs, p)
         run.log_artifacts([out_dir / "metrics.json", out_dir / "history.csv", out_dir / "curves.png"], "train")
         run.log_metrics({"final_val_acc": val.accuracy, "final_val_loss": val.loss, "train_seconds": result.seconds})
         run.finish()
