@@ -32,9 +32,7 @@ run: pipeline
 	$(MAKE) serve
 
 serve: install
-	@if [ -f service/service.py ]; then \
-	  $(BIN)/bentoml serve service.service:Classifier --host 0.0.0.0 --port $(PORT); \
-	else echo "make run: the service does not exist yet; the pipeline is done"; fi
+	$(BIN)/bentoml serve service.service:Classifier --host 0.0.0.0 --port $(PORT)
 
 test: install
 	$(BIN)/python -m pytest

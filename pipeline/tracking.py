@@ -342,10 +342,6 @@ def set_alias(name: str, alias: str, version: str) -> None:
     client().set_registered_model_alias(name, alias, str(version))
 
 
-def delete_alias(name: str, alias: str) -> None:
-    client().delete_registered_model_alias(name, alias)
-
-
 def set_version_tags(name: str, version: str, tags: dict[str, Any]) -> None:
     c = client()
     for key, value in tags.items():
