@@ -74,27 +74,27 @@ class RequestSizeLimitMiddleware:
             limit_bytes=self.max_bytes,
         )
 
+    def _length_refusal(self, scope: Scope) -> tuple[int, bytes] | None:
+        """(status, body) of a 400/413 decided by the Content-Length header alone, before any body is read."""
+        header = next((value for name, value in scope.get("headers", []) if name == b"content-length"), None)
+        if header is None:
+            return None
+        try:
+            length = int(header)
+            if length < 0:
+                raise ValueError
+        except ValueError:
+            return 400, json_error_body(400, "invalid Content-Length header", "bad_request")
+        return (413, self._too_large(length)) if length > self.max_bytes else None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length_header = None
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                length_header = value
-                break
-        if length_header is not None:
-            try:
-                length = int(length_header)
-                if length < 0:
-                    raise ValueError
-            except ValueError:
-                await self._reply(send, 400, json_error_body(400, "invalid Content-Length header", "bad_request"))
-                return
-            if length > self.max_bytes:
-                await self._reply(send, 413, self._too_large(length))
-                return
-
+        refusal = self._length_refusal(scope)
+        if refusal is not None:
+            await self._reply(send, *refusal)
+            return
         received = 0
         exceeded: tuple[int, bytes] | None = None  # (status, body) of the answer that replaces the app's
         response_started = False
