@@ -8,7 +8,6 @@ misclassified.png, feature_maps.png. All are logged to the model's MLflow traini
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import sys
@@ -22,8 +21,7 @@ from service.contract import softmax
 
 from . import atomic, stage, tracking
 from .download import load_card, load_prepared
-from .modelfile import load_model_file, normalize, predict_logits
-from .params import load_params
+from .modelfile import normalize, predict_logits, trained_model_args
 from .paths import PREPARED_DIR, arch_dir
 
 
@@ -187,13 +185,7 @@ def write_outputs(out: Path, result: dict, meta: dict, images: np.ndarray, label
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Evaluate a trained model on the test split.")
-    parser.add_argument("--arch", required=True)
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    params = load_params(args.params)
-    params.train_for(args.arch)
-    model, meta = load_model_file(arch_dir(args.arch) / "model.pt")
+    args, params, model, meta = trained_model_args("Evaluate a trained model on the test split.", argv)
     tracking.check_reachable()  # a server that is down: fail now, not after MLflow's minutes of retries
     torch.set_num_threads(max(1, torch.get_num_threads()))
     test = load_prepared("test", PREPARED_DIR)

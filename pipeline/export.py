@@ -9,7 +9,6 @@ Outputs (`exports/<arch>/`): model.onnx, export.json (parity figures).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -24,8 +23,7 @@ from service.contract import INPUT_NAME, MODEL_FILE, OUTPUT_NAME, metadata_props
 
 from . import atomic, stage, tracking
 from .download import load_card, load_prepared
-from .modelfile import load_model_file, predict_logits
-from .params import load_params
+from .modelfile import predict_logits, trained_model_args
 from .paths import PREPARED_DIR, arch_dir, export_dir
 
 def export_onnx(model: torch.nn.Module, meta: dict, opset: int) -> onnx.ModelProto:
@@ -64,14 +62,8 @@ def parity_check(model_bytes: bytes, model: torch.nn.Module, meta: dict, images:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Export a trained model to ONNX behind a parity gate.")
-    parser.add_argument("--arch", required=True)
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
+    args, params, model, meta = trained_model_args("Export a trained model to ONNX behind a parity gate.", argv)
     out = export_dir(args.arch)
-    params = load_params(args.params)
-    params.train_for(args.arch)
-    model, meta = load_model_file(arch_dir(args.arch) / "model.pt")
     eval_metrics = json.loads((arch_dir(args.arch) / "eval" / "metrics.json").read_text())
     tracking.check_reachable()  # a server that is down: fail now, not after MLflow's minutes of retries
     # the ONNX file names the training run (its bytes must not depend on which store logs them)

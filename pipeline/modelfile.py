@@ -1,6 +1,7 @@
 """The trained-model file (`outputs/<arch>/model.pt`) that evaluate and export read."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,9 @@ from torch import nn
 
 from models import create_model
 from service import contract
+
+from .params import Params, load_params
+from .paths import arch_dir
 
 
 def load_model_file(path: str | Path) -> tuple[nn.Module, dict]:
@@ -21,6 +25,19 @@ def load_model_file(path: str | Path) -> tuple[nn.Module, dict]:
     model.load_state_dict(info["state_dict"])
     meta = {k: v for k, v in info.items() if k != "state_dict"}
     return model.eval(), meta
+
+
+def trained_model_args(description: str, argv: list[str] | None) -> tuple[argparse.Namespace, Params, nn.Module, dict]:
+    """The command line of the stages that read a trained model (evaluate, export): ``--arch``,
+    ``--params``; (args, the validated params, the model, its metadata)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--arch", required=True)
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    params.train_for(args.arch)  # an architecture params.yaml does not list: ParamsError
+    model, meta = load_model_file(arch_dir(args.arch) / "model.pt")
+    return args, params, model, meta
 
 
 def normalize(images_u8, mean: list[float], std: list[float]) -> torch.Tensor:
