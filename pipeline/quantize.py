@@ -10,7 +10,7 @@ Reads the export stage's FP32 model ``exports/<arch>/model.onnx`` and the prepar
   format, per-channel int8 weights, uint8 activations with 7-bit weights (``reduce_range``: the fast
   and accurate choice on x86 CPUs without VNNI; ``--activation-type int8 --no-reduce-range`` gives
   ORT's S8S8 default), MinMax calibration over ``--calibration-images`` training images normalized
-  exactly as served (``service.preprocessing.normalize`` with the model's mean/std).
+  exactly as served (``service.contract.normalize`` with the model's mean/std).
   Gate: test accuracy (the whole test split) may drop at most ``--max-int8-drop`` (0.005 = 0.5 points)
   below the FP32 model's.
 - FP16 (meant for the CUDA provider): ``onnxconverter_common.float16`` (else ONNX Runtime's copy,
