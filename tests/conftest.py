@@ -5,7 +5,8 @@ checkpoints/), so an end-to-end test gets its own folder (`make_project()` / `pr
 `python -m pipeline.<stage>` there with:
 
 - PYTHONPATH at this checkout (computed from this file, so a fresh clone anywhere works),
-- DATA_MIRROR at the offline data (the DATA_MIRROR env var when set, else <repo>/../shared/data),
+- DATA_MIRROR at the offline data (tests.harness.mirror_path: the DATA_MIRROR env var when set, else
+  <repo>/../shared/data),
 - MLFLOW_TRACKING_URI at a SQLite file inside the project folder (the repo's store is never touched).
 
 `prepared_mnist` downloads a small stratified MNIST subset once per session; `Project.copy_prepared`
@@ -24,18 +25,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-               "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+from tests.harness import MNIST_FILES, mirror_path
+from tests.harness import REPO as REPO_ROOT
+
 # Variables a stage must not inherit from the test runner (a torchrun launch, a user's MLflow server).
 _STRIP_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
               "GROUP_RANK", "TORCHELASTIC_RUN_ID", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")
-
-
-def mirror_path() -> Path:
-    """The offline data folder: $DATA_MIRROR when set, else ../shared/data beside the checkout."""
-    value = os.environ.get("DATA_MIRROR", "").strip()
-    return Path(value).expanduser().resolve() if value else (REPO_ROOT.parent / "shared" / "data").resolve()
 
 
 def deep_update(base: dict, changes: dict) -> dict:
@@ -117,7 +112,7 @@ def repo_root() -> Path:
 def data_mirror() -> Path:
     """The offline MNIST mirror; the tests that need it skip (saying why) when it is absent."""
     mirror = mirror_path()
-    missing = [f for f in MNIST_FILES if not (mirror / "mnist" / f).is_file()]
+    missing = [f for f in MNIST_FILES.values() if not (mirror / "mnist" / f).is_file()]
     if missing:
         pytest.skip(f"offline data mirror {mirror}/mnist lacks {missing}: set DATA_MIRROR to a folder laid "
                     f"out like ../shared/data")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tests.conftest import Project, mirror_path
+from tests.conftest import Project
+from tests.harness import mirror_path
 
 
 def _project(folder: Path) -> Project:

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT, mirror_path, repo_params
+from tests.conftest import REPO_ROOT, repo_params
+from tests.harness import mirror_path
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 CODE = ("pipeline", "models", "service", "data/images", "dvc.yaml", "bentofile.yaml", "pyproject.toml", ".dvcignore")

@@ -2,9 +2,7 @@
 exported by the export stage's own function (pipeline.export.export_onnx). ~15 s on 2 CPU cores."""
 from __future__ import annotations
 
-import gzip
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,33 +13,21 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime.quantization")
 
 from pipeline import quantize as q  # noqa: E402
+from tests.harness import MissingData, load_mnist  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 N_TRAIN, N_TEST = 6000, 1000
 MEAN, STD = 0.1307, 0.3081
 
 
-def mnist_dir() -> Path:
-    for candidate in (os.environ.get("MNIST_DIR"), os.environ.get("DATA_MIRROR") and Path(os.environ["DATA_MIRROR"]) / "mnist",
-                      REPO.parent / "shared" / "data" / "mnist"):
-        if candidate and (Path(candidate) / "t10k-images-idx3-ubyte.gz").is_file():
-            return Path(candidate)
-    pytest.skip("MNIST IDX files not found: set DATA_MIRROR (a folder laid out like ../shared/data) or MNIST_DIR")
-
-
-def read_idx(path: Path, header: int) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        return np.frombuffer(f.read(), dtype=np.uint8, offset=header)
-
-
 @pytest.fixture(scope="module")
 def mnist() -> dict[str, np.ndarray]:
-    folder = mnist_dir()
+    try:
+        data = load_mnist()
+    except MissingData as err:
+        pytest.skip(str(err))
     return {
-        "train_images": read_idx(folder / "train-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28)[:N_TRAIN].copy(),
-        "train_labels": read_idx(folder / "train-labels-idx1-ubyte.gz", 8)[:N_TRAIN].astype(np.int64),
-        "test_images": read_idx(folder / "t10k-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28)[:N_TEST].copy(),
-        "test_labels": read_idx(folder / "t10k-labels-idx1-ubyte.gz", 8)[:N_TEST].astype(np.int64),
+        "train_images": data.train_images[:N_TRAIN, None].copy(), "train_labels": data.train_labels[:N_TRAIN],
+        "test_images": data.test_images[:N_TEST, None].copy(), "test_labels": data.test_labels[:N_TEST],
     }
 
 

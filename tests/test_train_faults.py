@@ -26,7 +26,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import mirror_path
+from tests.harness import mirror_path
 from tests.stages import run_stage, stage_env, write_params
 
 MIRROR = mirror_path()

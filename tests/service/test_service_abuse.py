@@ -18,8 +18,8 @@ import psutil
 import pytest
 from PIL import Image
 
-from conftest import build_stuck_onnx_model, store_in_bento_home
-from svc_support import serve, workers
+from conftest import build_stuck_onnx_model
+from svc_support import serve, store_test_model, workers
 
 pytestmark = pytest.mark.slow
 
@@ -178,7 +178,7 @@ def heavy(tiny_onnx_model, tmp_path_factory):
     home: a server starting on the session server's home would reset that one's metrics folder."""
     folder = tmp_path_factory.mktemp("heavy")
     home = folder / "bentoml"
-    tag = store_in_bento_home(tiny_onnx_model, home)
+    tag = store_test_model(tiny_onnx_model, home)
     with serve(home, folder / "serve.log", tag, HEAVY_ENV) as srv:
         (srv.worker,) = workers(srv.proc)["image-classifier"]
         yield srv
@@ -283,7 +283,7 @@ WHITE = encode((28, 28), "PNG", 255)  # normalizes to 2.82 everywhere: the stuck
 
 def test_a_stuck_model_call_is_detected_and_the_worker_replaced(tiny_onnx_model, tmp_path):
     home = tmp_path / "home"
-    tag = store_in_bento_home(build_stuck_onnx_model(tiny_onnx_model, tmp_path / "stuck.onnx"), home)
+    tag = store_test_model(build_stuck_onnx_model(tiny_onnx_model, tmp_path / "stuck.onnx"), home)
     env = {"CLASSIFIER_WORKERS": "1", "CLASSIFIER_MODEL_STALL_S": "2", "CLASSIFIER_REQUEST_TIMEOUT_S": "20"}
     with serve(home, tmp_path / "serve.log", tag, env) as srv:
         assert post_images(srv.url, [PNG]).status_code == 200
@@ -347,7 +347,7 @@ def test_a_flooding_address_is_held_back_and_others_are_not(tiny_onnx_model, tmp
     """Before the penalty box: the 8 flooding connections got ~1,000 refusals answered in 4 s, each
     one costing the worker CPU. With it (5/s, burst 5, max 1 s): at most ~5 + 5x4 + 8x4."""
     home = tmp_path / "bentoml"
-    tag = store_in_bento_home(tiny_onnx_model, home)
+    tag = store_test_model(tiny_onnx_model, home)
     with serve(home, tmp_path / "serve.log", tag, BOX_ENV) as srv:
         stop, answers = threading.Event(), []
         threads = [threading.Thread(target=flood, args=(srv.url, "127.0.0.3", stop, answers)) for _ in range(8)]

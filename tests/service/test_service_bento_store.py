@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from svc_support import run_in_bento_home
+from tests.harness import run_in_bento_home
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +82,8 @@ def test_the_built_bento_serves_the_stored_model(bento_home, tmp_path):
     from PIL import Image
 
     import svc_images
-    from svc_support import REPO, serve
+    from svc_support import serve
+    from tests.harness import REPO
 
     source_home, model_tag = bento_home
     home = tmp_path / "bentoml_home"

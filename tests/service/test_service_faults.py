@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,7 +31,9 @@ import pytest
 from PIL import Image
 
 import svc_images
-from svc_support import REPO, SERVER_ENV, cuda_usable, free_port, run_in_bento_home, serve, stop, workers
+from svc_support import SERVER_ENV, cuda_usable, serve, workers
+from tests.harness import bentoml_command, bentoml_env, free_port, run_in_bento_home, stop
+from tests.harness import start as start_process
 
 httpx = pytest.importorskip("httpx")
 psutil = pytest.importorskip("psutil")
@@ -74,14 +75,7 @@ def broken_home(tiny_onnx_model, tmp_path_factory) -> Path:
 def start(home: Path, log_path: Path, env: dict) -> tuple[subprocess.Popen, str]:
     """`bentoml serve` without waiting for readiness (svc_support.serve raises when it never comes)."""
     port = free_port()
-    full_env = {**os.environ, **SERVER_ENV, **env, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
-                "PYTHONPATH": str(REPO)}
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "service.service:Classifier",
-             "--host", "127.0.0.1", "--port", str(port), "--working-dir", str(REPO)],
-            cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+    proc = start_process(bentoml_command(port), {**SERVER_ENV, **env, **bentoml_env(home)}, log_path)
     return proc, f"http://127.0.0.1:{port}"
 
 

@@ -31,7 +31,7 @@ from PIL import Image  # noqa: E402
 
 import svc_images
 from service.preprocessing import RESAMPLE_FILTERS, ImageError, image_to_array
-from svc_support import REPO
+from tests.harness import REPO
 
 #: HOSTILE_MAX_EXAMPLES=2000 for a longer hunt; the default keeps the three properties at a few seconds
 PROPERTY_SETTINGS = settings(max_examples=int(os.environ.get("HOSTILE_MAX_EXAMPLES", "80")), deadline=None,

@@ -340,11 +340,11 @@ def test_gpu_provider_is_active(client):
 def test_overload_is_a_clear_503(tmp_path):
     """A second server, with a model slow enough (~1 ms+ per image) for requests to queue behind it and
     a 5 ms queueing budget: the micro-batcher refuses what it predicts will wait longer, as 503 + JSON."""
-    from conftest import build_slow_onnx_model, store_in_bento_home
-    from svc_support import serve
+    from conftest import build_slow_onnx_model
+    from svc_support import serve, store_test_model
 
     home = tmp_path / "bentoml_home"
-    tag = store_in_bento_home(build_slow_onnx_model(tmp_path / "slow.onnx"), home)
+    tag = store_test_model(build_slow_onnx_model(tmp_path / "slow.onnx"), home)
     env = {"CLASSIFIER_MAX_LATENCY_MS": "5", "CLASSIFIER_MAX_CONCURRENCY": "500"}
     data = png(np.zeros((28, 28), np.uint8))
     with serve(home, tmp_path / "tight.log", tag, env) as tight:

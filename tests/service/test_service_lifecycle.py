@@ -322,8 +322,8 @@ def test_kill_9_during_package_keeps_the_previous_pointer(lc):
 from tests.test_team_mode import mlflow_server, postgres  # noqa: E402,F401  (module fixtures: a PG cluster + server)
 
 
-def test_team_mode_service_follows_the_alias_on_the_tracking_server(mlflow_server, prepared_mnist, tmp_path):
-    from tests.conftest import mirror_path
+def test_team_mode_service_follows_the_alias_on_the_tracking_server(mlflow_server, prepared_mnist, tmp_path):  # noqa: F811
+    from tests.harness import mirror_path
 
     project = Project(tmp_path / "team", mirror_path())
     project.path.mkdir()

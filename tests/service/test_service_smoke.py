@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import svc_images
-from svc_support import REPO, free_port
+from tests.harness import REPO, free_port
 
 pytestmark = [pytest.mark.integration]
 SMOKE = REPO / "bench" / "smoke.py"

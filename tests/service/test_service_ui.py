@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 import svc_images
-from svc_support import REPO
+from tests.harness import REPO
 
 httpx = pytest.importorskip("httpx")
 pytestmark = [pytest.mark.integration]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from service.config import ENV_VARS, ServiceConfig
-from svc_support import REPO
+from tests.harness import REPO
 from service.limits import ConnectionRecycleMiddleware, RequestSizeLimitMiddleware
 from service.postprocessing import predictions, softmax
 
