@@ -21,11 +21,21 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 __all__ = ["CancelOnDisconnectMiddleware", "ConnectionRecycleMiddleware", "JsonErrorsMiddleware",
-           "RequestSizeLimitMiddleware", "json_error_body"]
+           "RequestSizeLimitMiddleware", "error_response", "json_error_body"]
 
 
 def json_error_body(status: int, error: str, reason: str, **extra: Any) -> bytes:
-    return json.dumps({"error": error, "reason": reason, "status": status, **extra}).encode()
+    """The API's one error shape, ``{"error", "reason", "status", ...extra}``, as compact JSON: every
+    error answer of the service, its middleware and its BentoML patches is built here."""
+    return json.dumps({"error": error, "reason": reason, "status": status, **extra}, separators=(",", ":")).encode()
+
+
+def error_response(status: int, error: str, reason: str, headers: dict | None = None, **extra: Any) -> Any:
+    """``json_error_body`` as a Starlette response (imported here only: the middleware is pure ASGI)."""
+    from starlette.responses import Response
+
+    return Response(json_error_body(status, error, reason, **extra), status_code=status, headers=headers,
+                    media_type="application/json")
 
 
 class BodyTooLarge(Exception):

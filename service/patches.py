@@ -45,7 +45,7 @@ import importlib
 import logging
 from typing import Any, Callable
 
-from starlette.responses import JSONResponse
+from .limits import error_response
 
 logger = logging.getLogger("bentoml.classifier")
 
@@ -98,9 +98,8 @@ async def _timeout_call(self: Any, scope: dict, receive: Any, send: Any) -> None
         if task.done():
             task.result()  # it ended just as the timer fired: its own outcome (or exception) stands
         elif task.cancel():
-            await JSONResponse(
-                {"error": f"not able to process the request in {self.timeout:g} s (CLASSIFIER_REQUEST_TIMEOUT_S)",
-                 "reason": "timeout", "status": 504}, status_code=504)(scope, receive, send)
+            await error_response(504, f"not able to process the request in {self.timeout:g} s "
+                                 "(CLASSIFIER_REQUEST_TIMEOUT_S)", "timeout")(scope, receive, send)
     else:
         await task
     finally:
@@ -176,10 +175,9 @@ def patch_concurrency_limit(retry_after_s: int = 1) -> bool:
         if scope["type"] not in ("http", "websocket") or scope["path"] in self.skip_paths:
             return await self.app(scope, receive, send)
         if self._semaphore.locked():
-            await JSONResponse(
-                {"error": "too many requests in flight on this worker (CLASSIFIER_MAX_CONCURRENCY); retry later",
-                 "reason": "too_many_requests", "status": 429}, status_code=429,
-                headers={"Retry-After": str(retry_after_s)})(scope, receive, send)
+            await error_response(429, "too many requests in flight on this worker (CLASSIFIER_MAX_CONCURRENCY); "
+                                 "retry later", "too_many_requests",
+                                 headers={"Retry-After": str(retry_after_s)})(scope, receive, send)
             return
         async with self._semaphore:
             await self.app(scope, receive, send)

@@ -47,7 +47,7 @@ from pydantic import BaseModel, Field
 from starlette.applications import Starlette
 from starlette.formparsers import MultiPartParser
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import bentoml
@@ -59,6 +59,7 @@ from service.decoding import (INLINE_BYTES, INLINE_PIXELS, DecodeBudget, DecodeB
 from service.engine import OnnxClassifier
 from service.follower import AliasFollower, Unservable
 from service.limits import (CancelOnDisconnectMiddleware, ConnectionRecycleMiddleware, JsonErrorsMiddleware,
+                            error_response,
                             RequestSizeLimitMiddleware)
 from service.contract import MODEL_FILE
 from service.model_source import (REGISTRY_KEYS, NoModelForAlias, Selection, pointer_file,
@@ -116,17 +117,13 @@ logger = logging.getLogger("bentoml.classifier")
 
 # --- error responses -------------------------------------------------------------------------------
 
-def error_response(status: int, error: str, reason: str, headers: Optional[dict] = None, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": error, "reason": reason, "status": status, **extra}, status_code=status, headers=headers)
-
-
 class Rejection:
     """A request refused while parsing; the API method turns it into the JSON error response."""
 
     def __init__(self, status: int, error: str, reason: str, **extra: Any) -> None:
         self.status, self.error, self.reason, self.extra = status, error, reason, extra
 
-    def response(self) -> JSONResponse:
+    def response(self) -> Response:
         return error_response(self.status, self.error, self.reason, **self.extra)
 
 
@@ -481,7 +478,7 @@ async def _get_metadata(request: Request) -> JSONResponse:
     return JSONResponse(bentoml.get_current_service().metadata_dict())
 
 
-async def _admin_reload(request: Request) -> JSONResponse:
+async def _admin_reload(request: Request) -> Response:
     """Check the registry now (the follower would within CLASSIFIER_REGISTRY_POLL_S). Bearer token."""
     if not CONFIG.admin_token:
         return error_response(403, "admin endpoints are disabled: set CLASSIFIER_ADMIN_TOKEN", "admin_disabled")
@@ -666,7 +663,7 @@ class Classifier:
                                "status": 400, "error": f"cannot decode image: {type(err).__name__}: {err}"})
         return arrays, errors
 
-    async def _decode_request(self, uploads: list, slot: Slot) -> "list[np.ndarray] | JSONResponse":
+    async def _decode_request(self, uploads: list, slot: Slot) -> "list[np.ndarray] | Response":
         """The request's images decoded within the slot's budget (service.decoding), or the error.
         Small requests (bytes and canvas) stay on the event loop; anything else, header reading
         included (Pillow parses chunks and markers in Python), runs in the decode pool."""
@@ -674,7 +671,7 @@ class Classifier:
         capacity = DECODE_QUEUE_REQUESTS * budget.request_pixels
         small = sum(map(len, blobs)) <= INLINE_BYTES
         headers = budget.headers(blobs) if small else await self._in_pool(lambda _: budget.headers(blobs), 0, capacity)
-        if isinstance(headers, JSONResponse):
+        if isinstance(headers, Response):
             return headers
         errors = [_image_error(u, h) for u, h in zip(uploads, headers) if isinstance(h, ImageError)]
         if errors:
@@ -687,7 +684,7 @@ class Classifier:
         else:
             done = await self._in_pool(functools.partial(self._decode, uploads, slot.spec, budget),
                                        decode_cost(headers), capacity)
-            if isinstance(done, JSONResponse):
+            if isinstance(done, Response):
                 return done
             arrays, errors = done
         return _errors_response(errors, len(uploads)) if errors else arrays
@@ -704,7 +701,7 @@ class Classifier:
             self._decode_pool = DecodePool(max(1, CONFIG.cpu_count // max(1, CONFIG.workers)))
         return self._decode_pool
 
-    async def _infer(self, batch: np.ndarray, slot: Optional[Slot] = None) -> "np.ndarray | JSONResponse":
+    async def _infer(self, batch: np.ndarray, slot: Optional[Slot] = None) -> "np.ndarray | Response":
         slot = slot or self._slot
         step = CONFIG.max_batch_size
         chunks = [batch[i:i + step] for i in range(0, len(batch), step)]
@@ -730,11 +727,11 @@ class Classifier:
             return _too_many(len(uploads)).response()
         spec = slot.spec
         arrays = await self._decode_request(uploads, slot)
-        if isinstance(arrays, JSONResponse):
+        if isinstance(arrays, Response):
             return arrays
         batch = normalize(np.stack(arrays), spec.mean, spec.std)
         logits = await self._infer(batch, slot)
-        if isinstance(logits, JSONResponse):
+        if isinstance(logits, Response):
             return logits
         if self.shadow is not None:
             self.shadow.offer(batch, logits)
@@ -812,7 +809,7 @@ def _image_error(upload: Upload, err: ImageError) -> dict:
     return {"index": upload.index, "file": upload.name, "reason": err.reason, "status": err.status, "error": err.message}
 
 
-def _errors_response(errors: list[dict], count: int) -> JSONResponse:
+def _errors_response(errors: list[dict], count: int) -> Response:
     """One answer for a request with bad images: the first one's status and reason, every entry listed."""
     first = errors[0]
     summary = "1 image" if len(errors) == 1 else f"{len(errors)} of {count} images"
@@ -820,7 +817,7 @@ def _errors_response(errors: list[dict], count: int) -> JSONResponse:
                           first["reason"], file=first["file"], index=first["index"], errors=errors)
 
 
-def _over_budget(budget: DecodeBudget, headers: list, capacity: int) -> Optional[JSONResponse]:
+def _over_budget(budget: DecodeBudget, headers: list, capacity: int) -> Optional[Response]:
     """413 when the request's images decode to more pixels than a request may, or would take longer
     to decode than the whole decode queue holds (huge JPEG canvases: their decode cost follows the
     canvas, not the reduced size)."""
@@ -844,7 +841,7 @@ def _exit_stuck() -> None:
     os._exit(EXIT_MODEL_STUCK)
 
 
-def _stuck_response(why: str) -> JSONResponse:
+def _stuck_response(why: str) -> Response:
     return error_response(503, f"the model is not answering: {why}; retry on another worker", "model_stuck",
                           headers={"Retry-After": "5"})
 

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
+
+from .limits import error_response
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 UI_FILE = STATIC_DIR / "ui.html"
@@ -39,11 +41,8 @@ async def ui_page(request: Request) -> Response:
     try:
         html = UI_FILE.read_text(encoding="utf-8")
     except OSError as err:  # a Bento built without `service/static/*` in bentofile.yaml's include
-        return JSONResponse(
-            {"error": f"the web page is not installed ({UI_FILE.name}: {err.strerror or err})",
-             "reason": "ui_missing", "status": 404},
-            status_code=404,
-        )
+        return error_response(404, f"the web page is not installed ({UI_FILE.name}: {err.strerror or err})",
+                              "ui_missing")
     return HTMLResponse(html, headers=_HEADERS)
 
 
