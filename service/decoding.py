@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence, TypeVar
 
-from service.preprocessing import DRAFT_OVERSAMPLE, ImageError, ImageHeader, PreprocessSpec, pixel_limit, read_header
+from service.preprocessing import ImageError, ImageHeader, PreprocessSpec, draft_side, pixel_limit, read_header
 
 T = TypeVar("T")
 
@@ -64,7 +64,7 @@ class DecodeBudget:
     def for_model(cls, spec: PreprocessSpec, image_pixels: int = 0, request_pixels: int = 0) -> "DecodeBudget":
         """Configured limits, 0 meaning "derive from the model's input size"."""
         image = image_pixels or pixel_limit(spec.image_size)
-        return cls(image, request_pixels or REQUEST_IMAGES_OF_PIXELS * image, DRAFT_OVERSAMPLE * spec.image_size)
+        return cls(image, request_pixels or REQUEST_IMAGES_OF_PIXELS * image, draft_side(spec.image_size))
 
     def headers(self, blobs: Sequence[bytes]) -> list["ImageHeader | ImageError"]:
         """Each image's header, or the :class:`ImageError` that refuses it (per-image limit included)."""

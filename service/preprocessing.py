@@ -304,6 +304,11 @@ def to_chw_uint8(img: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def draft_side(image_size: int) -> int:
+    """The side a large JPEG decodes down to (at least) for a model of ``image_size`` inputs."""
+    return DRAFT_OVERSAMPLE * image_size
+
+
 def image_to_array(
     data: bytes,
     *,
@@ -313,8 +318,8 @@ def image_to_array(
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
     """Encoded image bytes -> ``uint8 [channels, size, size]`` (decode, resize, layout). Large JPEGs
-    decode at reduced scale, down to ``DRAFT_OVERSAMPLE x size`` per side."""
-    img = decode_image(data, channels, max_pixels=max_pixels, draft_to=DRAFT_OVERSAMPLE * size)
+    decode at reduced scale, down to ``draft_side(size)`` per side."""
+    img = decode_image(data, channels, max_pixels=max_pixels, draft_to=draft_side(size))
     return to_chw_uint8(resize_image(img, size, resample))
 
 
