@@ -7,7 +7,7 @@
 On demand, not a test. One real ``bentoml serve service.service:Classifier`` (default settings;
 ``--workers`` sets CLASSIFIER_WORKERS) on a free loopback port, with a temporary BENTOML_HOME holding
 ``--onnx`` (default the trained ``exports/cnn/model.onnx``, else the tests' tiny MNIST CNN,
-``tests/service/conftest.build_tiny_onnx_model``), stored like bench/serve.py does.
+``tests/harness.build_tiny_onnx_model``), stored like bench/serve.py does (tests/harness.py).
 
 Policy. The ordinary stream is open-loop: single real 28x28 MNIST PNGs POSTed to /classify at a fixed
 ``--rate`` (send times are scheduled up front and latency is measured from the scheduled time, so a
@@ -50,16 +50,17 @@ from pathlib import Path
 
 import numpy as np
 
-BENCH = Path(__file__).resolve().parent
-for _folder in (BENCH, BENCH.parent / "tests" / "service"):  # the sibling benches and the tests' helpers
-    if str(_folder) not in sys.path:
-        sys.path.insert(0, str(_folder))
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
-import serve  # bench/serve.py: store_model, multipart, machine, versions, command_line, git_state
-import shadow  # bench/shadow.py: start (bentoml serve on a store, poll off, /readyz)
-import soak  # bench/soak.py: percentiles
+from bench.serve import RESULTS_DIR, versions  # noqa: E402
+from bench.serve_load import MULTIPART, multipart  # noqa: E402
+from bench.serve_models import png_bytes  # noqa: E402
+from bench.shadow import start as serve_store  # noqa: E402  (bentoml serve on a store, poll off, /readyz)
+from bench.soak import percentiles  # noqa: E402
+from tests import harness  # noqa: E402
 
-REPO, RESULTS_DIR = serve.REPO, serve.RESULTS_DIR
 TARGET_P99_RATIO = 3.0
 REQUEST_TIMEOUT_S = 30.0
 ORDINARY_CONNECTIONS = 16
@@ -68,7 +69,6 @@ ORDINARY_CONNECTIONS = 16
 ORDINARY_ADDRESS = "127.0.0.2"
 ABUSE_RAMP_S = 1.0  # abusers run this long before phase B's ordinary stream starts
 SLOW_BYTE_INTERVAL_S = 1.0
-MULTIPART = f"multipart/form-data; boundary={serve.BOUNDARY}"
 JSON = "application/json"
 
 
@@ -96,22 +96,19 @@ ABUSES = [
 
 def model_and_digits(onnx: Path | None, workdir: Path, n_digits: int = 16) -> tuple[Path, list[bytes], str]:
     """(ONNX model, real MNIST test digits as PNG, a note): --onnx, the trained export, else the tiny CNN."""
-    import pytest
-    from conftest import build_tiny_onnx_model, load_mnist  # tests/service/conftest.py
-
     try:
-        mnist = load_mnist()
-    except pytest.skip.Exception as err:
+        mnist = harness.load_mnist()
+    except harness.MissingData as err:
         raise SystemExit(f"abuse bench: {err}") from None
-    digits = [serve.png_bytes(img[None]) for img in mnist.test_images[:n_digits]]
+    digits = [png_bytes(img[None]) for img in mnist.test_images[:n_digits]]
     trained = REPO / "exports" / "cnn" / "model.onnx"
     if onnx is None and trained.is_file():
         onnx = trained
     if onnx is not None:
         return onnx, digits, f"{onnx}"
     print("abuse: no --onnx and no exports/cnn/model.onnx: fitting the tests' tiny MNIST CNN", flush=True)
-    path = build_tiny_onnx_model(mnist, workdir / "tiny.onnx")
-    return path, digits, "tiny MNIST CNN (tests/service/conftest.build_tiny_onnx_model, 6000 images, 2 passes)"
+    path = harness.build_tiny_onnx_model(mnist, workdir / "tiny.onnx")
+    return path, digits, "tiny MNIST CNN (tests/harness.build_tiny_onnx_model, 6000 images, 2 passes)"
 
 
 def encoded(image, fmt: str, **options) -> bytes:
@@ -131,13 +128,13 @@ def abusive_bodies(folder: Path, digit: bytes) -> dict[str, int]:
     noise = [encoded(Image.fromarray(rng.integers(0, 256, (1024, 1024), dtype=np.uint8)), "PNG") for _ in range(8)]
     image_b64 = base64.b64encode(digit)
     bodies = {
-        "webp_bomb": serve.multipart([(f"bomb{i}.webp", webp) for i in range(30)]),
-        "jpeg_bomb": serve.multipart([(f"canvas{i}.jpg", jpeg) for i in range(16)]),
+        "webp_bomb": multipart([(f"bomb{i}.webp", webp) for i in range(30)]),
+        "jpeg_bomb": multipart([(f"canvas{i}.jpg", jpeg) for i in range(16)]),
         "deep_json": b'{"images": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
         "huge_int_top_k": b'{"images": ["' + image_b64 + b'"], "top_k": ' + b"9" * 5000 + b"}",
         "list_top_k": b'{"images": ["' + image_b64 + b'"], "top_k": [' + b",".join([b"1"] * 2_000_000) + b"]}",
-        "slow_body": serve.multipart([("digit.png", digit)]),
-        "disconnect": serve.multipart([(f"noise{i}.png", png) for i, png in enumerate(noise)]),
+        "slow_body": multipart([("digit.png", digit)]),
+        "disconnect": multipart([(f"noise{i}.png", png) for i, png in enumerate(noise)]),
     }
     folder.mkdir(parents=True, exist_ok=True)
     for name, body in bodies.items():
@@ -324,7 +321,7 @@ def phase_b(url: str, args: argparse.Namespace, digits: list[bytes], workdir: Pa
 
 def ordinary_summary(records: list[dict]) -> dict:
     statuses = Counter(str(r["status"]) if r["status"] is not None else r["error"] for r in records)
-    lat = soak.percentiles([r["ms"] / 1000 for r in records])
+    lat = percentiles([r["ms"] / 1000 for r in records])
     return {"count": len(records), "p50_ms": lat.get("p50_ms"), "p99_ms": lat.get("p99_ms"), "max_ms": lat.get("max_ms"),
             "errors": sum(r["error"] is not None for r in records),
             "5xx": sum(r["status"] is not None and r["status"] >= 500 for r in records),
@@ -338,7 +335,7 @@ def abuse_summary(records: list) -> dict:
         rows = [r for r in records if r[0] == abuse.name]
         if not rows and not abuse.clients:
             continue
-        lat = soak.percentiles([r[2] for r in rows])
+        lat = percentiles([r[2] for r in rows])
         out[abuse.name] = {"clients": abuse.clients, "count": len(rows),
                            "statuses": dict(sorted(Counter(r[1] for r in rows).items())),
                            "p50_ms": lat.get("p50_ms"), "p99_ms": lat.get("p99_ms"),
@@ -421,12 +418,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def measure(args: argparse.Namespace, workdir: Path) -> dict:
     onnx, digits, note = model_and_digits(args.onnx, workdir)
     home = workdir / "bentoml_home"
-    tag = serve.store_model(onnx, home)
+    tag = harness.store_in_bento_home(onnx, home)
     sizes = abusive_bodies(workdir / "bodies", digits[0])
-    ordinary = [serve.multipart([(f"digit{i}.png", png)]) for i, png in enumerate(digits)]
+    ordinary = [multipart([(f"digit{i}.png", png)]) for i, png in enumerate(digits)]
     env = {"CLASSIFIER_WORKERS": str(args.workers)} if args.workers else {}
     env.update(item.split("=", 1) for item in args.server_env)
-    with shadow.start(home, workdir, env, "abuse") as server:
+    with serve_store(home, workdir, env, "abuse") as server:
         print(f"abuse: {tag} served on {server.url}, ready after {server.ready_s:.1f} s", flush=True)
         asyncio.run(ordinary_stream(server.url, args.rate, 2.0, ordinary))  # warm-up, not recorded
         a = phase_a(server.url, args, ordinary)
@@ -444,9 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import httpx
 
-    result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": serve.command_line(),
-              "machine": serve.machine(), "versions": {**serve.versions(), "httpx": httpx.__version__},
-              "git": serve.git_state(), "duration_s": args.duration, "rate": args.rate,
+    result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": harness.command_line(),
+              "machine": harness.machine(), "versions": {**versions(), "httpx": httpx.__version__},
+              "git": harness.git_state(), "duration_s": args.duration, "rate": args.rate,
               "abuse_rate_per_client": args.abuse_rate, "kinds": args.kinds}
     with tempfile.TemporaryDirectory(prefix="bench-abuse-") as tmp:
         raw = measure(args, Path(tmp))

@@ -25,9 +25,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import serve  # bench/serve.py, beside this script
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
-REPO, RESULTS_DIR = serve.REPO, serve.RESULTS_DIR
+from bench.serve import RESULTS_DIR, versions  # noqa: E402
+from bench.serve_load import load_cell, run_wrk, settle, write_bodies  # noqa: E402
+from bench.serve_models import prepare_cnn  # noqa: E402
+from bench.serve_servers import bentoml_serving  # noqa: E402
+from bench.serve_targets import TARGET_CONCURRENCY  # noqa: E402
+from tests import harness  # noqa: E402
+
 TARGET_COST = 0.10  # the issue's limit: shadowing 10 % of the traffic costs < 10 % of req/s and p99
 
 
@@ -43,11 +51,8 @@ def shadow_counts(url: str) -> dict:
 
 
 def start(home: Path, workdir: Path, env: dict, tag: str):
-    port = serve.free_port()
-    cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:Classifier", "--host", "127.0.0.1",
-           "--port", str(port), "--working-dir", str(REPO)]
-    full_env = {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", "CLASSIFIER_REGISTRY_POLL_S": "0", **env}
-    return serve.running("bentoml", cmd, full_env, "/readyz", port, workdir / f"bentoml-{tag}.log")
+    """`bentoml serve` on the store `home` as it is (the registry not polled), + `env`."""
+    return bentoml_serving(home, {"CLASSIFIER_REGISTRY_POLL_S": "0", **env}, workdir / f"bentoml-{tag}.log")
 
 
 def wait_shadow_loaded(url: str, timeout: float = 60) -> None:
@@ -68,10 +73,10 @@ def measure(args: argparse.Namespace, workdir: Path, home: Path, bm, bodies: Pat
             with start(home, workdir, env, f"{mode}-{rnd}") as server:
                 if mode == "on":
                     wait_shadow_loaded(server.url)
-                serve.run_wrk(server.url, bodies, args.concurrency, args.warmup, workdir / "warm.json")
-                serve.settle(server)
+                run_wrk(server.url, bodies, args.concurrency, args.warmup, workdir / "warm.json")
+                settle(server)
                 before = shadow_counts(server.url)
-                row = serve.load_cell(server, bm, "1 image", 1, args.concurrency, args.duration, bodies, workdir, 64)
+                row = load_cell(server, bm, "1 image", 1, args.concurrency, args.duration, bodies, workdir, 64)
                 after = shadow_counts(server.url)
                 row.update(round=rnd, shadow=mode, shadow_images={k: after.get(k, 0) - before.get(k, 0) for k in after})
                 rows.append(row)
@@ -127,24 +132,24 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--challenger", default="resnet", help="export used as the challenger (default resnet)")
     p.add_argument("--rate", type=float, default=0.1)
-    p.add_argument("--concurrency", type=int, default=serve.TARGET_CONCURRENCY)
+    p.add_argument("--concurrency", type=int, default=TARGET_CONCURRENCY)
     p.add_argument("--duration", type=float, default=10)
     p.add_argument("--warmup", type=float, default=3)
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args(argv)
-    bm = serve.prepare_cnn()
+    bm = prepare_cnn()
     challenger = REPO / "exports" / args.challenger / "model.onnx"
     if not challenger.is_file():
         raise SystemExit(f"shadow bench: {challenger} is missing: run the pipeline (make run) first")
     with tempfile.TemporaryDirectory(prefix="bench-shadow-") as tmp:
         workdir = Path(tmp)
         home = workdir / "bentoml_home"
-        serve.store_model(bm.onnx, home, "champion")
-        serve.store_model(challenger, home, "challenger")
-        bodies = serve.write_bodies(workdir / "bodies-1", bm.pngs, 1, 64)
+        harness.store_in_bento_home(bm.onnx, home, "champion")
+        harness.store_in_bento_home(challenger, home, "challenger")
+        bodies = write_bodies(workdir / "bodies-1", bm.pngs, 1, 64)
         rows = measure(args, workdir, home, bm, bodies)
-    result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": serve.command_line(),
-              "machine": serve.machine(), "versions": serve.versions(), "git": serve.git_state(),
+    result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": harness.command_line(),
+              "machine": harness.machine(), "versions": versions(), "git": harness.git_state(),
               "challenger": args.challenger, "concurrency": args.concurrency, "rounds": args.repeat,
               "duration_s": args.duration, "cells": rows, "summary": summarize(rows, args.rate)}
     stem = RESULTS_DIR / f"shadow-{dt.date.today().isoformat()}"

@@ -33,14 +33,11 @@ import asyncio
 import base64
 import datetime as dt
 import io
+import contextlib
 import ipaddress
 import json
 import os
-import platform
 import random
-import shlex
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -52,9 +49,12 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-import serve  # bench/serve.py, beside this script: store_model, free_port, wait_ready
-
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tests import harness  # noqa: E402
+
 RESULTS = REPO / "bench" / "results"
 REQUEST_TIMEOUT_S = 30.0
 
@@ -150,40 +150,24 @@ class Requests:
 
 def store_model(onnx_path: Path, home: Path) -> str:
     try:
-        return serve.store_model(onnx_path, home)
+        return harness.store_in_bento_home(onnx_path, home)
     except RuntimeError as err:
         raise SystemExit(f"soak: cannot store {onnx_path} in {home}: {err}") from None
 
 
-class LocalServer:
-    def __init__(self, home: Path, log_path: Path, service_env: dict[str, str]) -> None:
-        self.port = serve.free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        env = {**os.environ, **service_env, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
-               "PYTHONPATH": str(REPO)}
-        with log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bentoml", "serve", "service.service:Classifier", "--host", "127.0.0.1",
-                 "--port", str(self.port), "--working-dir", str(REPO)],
-                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            self.startup_s = serve.wait_ready(self.url, self.proc, "/readyz", time.monotonic(), log_path, timeout=180)
-        except RuntimeError as err:  # exited, or not ready in time; the message ends with the log's tail
-            self.stop()
-            raise SystemExit(f"soak: bentoml {err}") from None
-
-    def log_tail(self, n: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-n:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # the process group this script started
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+@contextlib.contextmanager
+def local_server(home: Path, log_path: Path, service_env: dict[str, str]):
+    """`bentoml serve` of this checkout on the store `home`, + `service_env`, until the block exits."""
+    port = harness.free_port()
+    stack = contextlib.ExitStack()
+    try:
+        server = stack.enter_context(harness.running(harness.bentoml_command(port), port,
+                                                     {**service_env, **harness.bentoml_env(home)}, log_path,
+                                                     timeout=180, stop_timeout=30))
+    except RuntimeError as err:  # exited, or not ready in time; the message ends with the log's tail
+        raise SystemExit(f"soak: bentoml {err}") from None
+    with stack:
+        yield server
 
 
 def pid_listening_on(port: int) -> int | None:
@@ -319,14 +303,7 @@ def percentiles(values: list[float]) -> dict:
             "p99_ms": round(float(np.percentile(arr, 99)), 1), "max_ms": round(float(arr.max()), 1)}
 
 
-def analyse(results: list[Result], elapsed: float, rss: list[tuple[float, int, int]], warmup: float,
-            rss_limit: float, by_role: list[tuple[float, dict[str, int]]] = ()) -> dict:
-    expected = {k.name: k.expected for k in KINDS}
-    statuses = Counter(str(r.status) if r.status is not None else "transport_error" for r in results)
-    five_xx = [r for r in results if r.status is not None and r.status >= 500]
-    errors = [r for r in results if r.status is None]
-    unexpected = [r for r in results if r.status is not None and r.status < 500
-                  and r.status not in (expected[r.kind], 429)]
+def per_minute(results: list[Result], elapsed: float) -> list[dict]:
     minutes = []
     for m in range(int(elapsed // 60) + 1):
         rows = [r for r in results if m * 60 <= r.t < (m + 1) * 60]
@@ -336,48 +313,76 @@ def analyse(results: list[Result], elapsed: float, rss: list[tuple[float, int, i
         minutes.append({
             "minute": m + 1, "requests": len(rows), "req_per_s": round(len(rows) / max(span, 1e-9), 1),
             "statuses": dict(sorted(Counter(str(r.status) for r in rows).items())),
-            "valid": {"n": sum(r.valid for r in rows), **percentiles([r.latency for r in rows if r.valid and r.status == 200])},
-            "invalid": {"n": sum(not r.valid for r in rows), **percentiles([r.latency for r in rows if not r.valid])},
-            "rejected_429": sum(r.status == 429 for r in rows),
+            **valid_invalid(rows), "rejected_429": sum(r.status == 429 for r in rows),
         })
-    per_kind = {}
+    return minutes
+
+
+def valid_invalid(rows: list[Result]) -> dict:
+    """Counts and latency percentiles of the valid requests answered 200 and of the invalid ones."""
+    return {"valid": {"n": sum(r.valid for r in rows), **percentiles([r.latency for r in rows if r.valid and r.status == 200])},
+            "invalid": {"n": sum(not r.valid for r in rows), **percentiles([r.latency for r in rows if not r.valid])}}
+
+
+def per_kind(results: list[Result]) -> dict:
+    out = {}
     for k in KINDS:
         rows = [r for r in results if r.kind == k.name]
-        per_kind[k.name] = {"n": len(rows), "expected": k.expected,
-                            "statuses": dict(sorted(Counter(str(r.status) for r in rows).items())),
-                            **percentiles([r.latency for r in rows])}
+        out[k.name] = {"n": len(rows), "expected": k.expected,
+                       "statuses": dict(sorted(Counter(str(r.status) for r in rows).items())),
+                       **percentiles([r.latency for r in rows])}
+    return out
+
+
+def memory_summary(rss: list[tuple[float, int, int]], warmup: float, by_role: list[tuple[float, dict[str, int]]]) -> dict:
     memory: dict = {"samples": len(rss)}
-    if rss:
-        after_warmup = [s for s in rss if s[0] >= warmup] or rss[-1:]
-        base, end = after_warmup[0], rss[-1]
-        memory.update({
-            "rss_after_warmup_mb": round(base[1] / 2**20, 1), "rss_end_mb": round(end[1] / 2**20, 1),
-            "rss_peak_mb": round(max(s[1] for s in rss) / 2**20, 1), "ratio_end_to_warmup": round(end[1] / base[1], 3),
-            "processes_after_warmup": base[2], "processes_end": end[2],
-            "series_mb": [(round(t), round(b / 2**20, 1)) for t, b, _ in rss[:: max(1, len(rss) // 60)]],
-        })
-        if by_role:
-            base_roles = next((r for t, r in by_role if t >= warmup), by_role[-1][1])
-            memory["by_process_mb"] = {role: {"after_warmup": round(base_roles.get(role, 0) / 2**20, 1),
-                                              "end": round(rss_end / 2**20, 1)}
-                                       for role, rss_end in sorted(by_role[-1][1].items())}
-    checks = {
+    if not rss:
+        return memory
+    after_warmup = [s for s in rss if s[0] >= warmup] or rss[-1:]
+    base, end = after_warmup[0], rss[-1]
+    memory.update({
+        "rss_after_warmup_mb": round(base[1] / 2**20, 1), "rss_end_mb": round(end[1] / 2**20, 1),
+        "rss_peak_mb": round(max(s[1] for s in rss) / 2**20, 1), "ratio_end_to_warmup": round(end[1] / base[1], 3),
+        "processes_after_warmup": base[2], "processes_end": end[2],
+        "series_mb": [(round(t), round(b / 2**20, 1)) for t, b, _ in rss[:: max(1, len(rss) // 60)]],
+    })
+    if by_role:
+        base_roles = next((r for t, r in by_role if t >= warmup), by_role[-1][1])
+        memory["by_process_mb"] = {role: {"after_warmup": round(base_roles.get(role, 0) / 2**20, 1),
+                                          "end": round(rss_end / 2**20, 1)}
+                                   for role, rss_end in sorted(by_role[-1][1].items())}
+    return memory
+
+
+def checks(results: list[Result], memory: dict, rss_limit: float) -> dict:
+    expected = {k.name: k.expected for k in KINDS}
+    five_xx = [r for r in results if r.status is not None and r.status >= 500]
+    errors = [r for r in results if r.status is None]
+    unexpected = [r for r in results if r.status is not None and r.status < 500
+                  and r.status not in (expected[r.kind], 429)]
+    measured = memory["samples"] > 0
+    return {
         "zero_5xx": {"passed": not five_xx, "count": len(five_xx),
                      "examples": [(r.kind, r.status) for r in five_xx[:10]]},
         "no_transport_errors": {"passed": not errors, "count": len(errors), "examples": [r.error for r in errors[:10]]},
         "only_expected_statuses": {"passed": not unexpected, "count": len(unexpected),
                                    "examples": [(r.kind, r.status) for r in unexpected[:10]]},
-        "rss_ratio": {"passed": bool(rss) and memory["ratio_end_to_warmup"] <= rss_limit,
+        "rss_ratio": {"passed": measured and memory["ratio_end_to_warmup"] <= rss_limit,
                       "limit": rss_limit, "value": memory.get("ratio_end_to_warmup"),
-                      **({} if rss else {"note": "no server pid: RSS not measured"})},
+                      **({} if measured else {"note": "no server pid: RSS not measured"})},
     }
+
+
+def analyse(results: list[Result], elapsed: float, rss: list[tuple[float, int, int]], warmup: float,
+            rss_limit: float, by_role: list[tuple[float, dict[str, int]]] = ()) -> dict:
+    statuses = Counter(str(r.status) if r.status is not None else "transport_error" for r in results)
+    memory = memory_summary(rss, warmup, by_role)
+    verdicts = checks(results, memory, rss_limit)
     return {
         "requests": len(results), "elapsed_s": round(elapsed, 1), "req_per_s": round(len(results) / elapsed, 1),
-        "statuses": dict(sorted(statuses.items())),
-        "valid": {"n": sum(r.valid for r in results), **percentiles([r.latency for r in results if r.valid and r.status == 200])},
-        "invalid": {"n": sum(not r.valid for r in results), **percentiles([r.latency for r in results if not r.valid])},
-        "per_minute": minutes, "per_kind": per_kind, "memory": memory, "checks": checks,
-        "passed": all(c["passed"] for c in checks.values()),
+        "statuses": dict(sorted(statuses.items())), **valid_invalid(results),
+        "per_minute": per_minute(results, elapsed), "per_kind": per_kind(results), "memory": memory,
+        "checks": verdicts, "passed": all(c["passed"] for c in verdicts.values()),
     }
 
 
@@ -386,8 +391,8 @@ def markdown(result: dict) -> str:
     lines = [f"# Soak test {result['started']}", "",
              f"`{result['command']}`", "",
              f"Target {result['target']}; {result['minutes']} min at concurrency {result['concurrency']}; "
-             f"machine: {result['machine']['cpus']} CPUs, load average before {result['machine']['loadavg_before']}, "
-             f"after {result['machine']['loadavg_after']}.", "",
+             f"machine: {result['machine']['cpu_count']} CPUs, load average before {result['machine']['loadavg_start']}, "
+             f"after {result['machine']['loadavg_end']}.", "",
              f"**{'PASSED' if a['passed'] else 'FAILED'}**: {a['requests']} requests, {a['req_per_s']} req/s, "
              f"statuses {a['statuses']}.", "", "| check | passed | detail |", "|---|---|---|"]
     for name, check in a["checks"].items():
@@ -445,74 +450,77 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    seconds = args.minutes * 60
-    warmup = args.warmup if args.warmup is not None else min(60.0, max(30.0, 0.2 * seconds))
-    started = dt.datetime.now(dt.timezone.utc)
-    server = None
-    tmp = tempfile.TemporaryDirectory(prefix="soak-")
-    try:
-        if args.url:
-            url = loopback_only(args.url)
-            pid = args.server_pid or pid_listening_on(urlparse(url).port or 80)
-            pid = server_root(pid) if pid else None
-            target = url
-        else:
-            home = args.bentoml_home
-            if home is None:
-                if not args.onnx.is_file():
-                    raise SystemExit(f"soak: no model {args.onnx}: run the pipeline (make pipeline) or pass --onnx/--url")
-                home = Path(tmp.name) / "bentoml"
-                print(f"soak: storing {args.onnx} in {home}", flush=True)
-                store_model(args.onnx, home)
-            service_env = {k: v for k, v in os.environ.items() if k.startswith("CLASSIFIER_")}
-            service_env.update(dict(item.split("=", 1) for item in args.service_env))
-            log_path = Path(tmp.name) / "bentoml-serve.log"
-            server = LocalServer(home, log_path, service_env)
-            url, pid = server.url, server.proc.pid
-            model = f"store {home}" if args.bentoml_home else str(args.onnx)
-            target = f"local bentoml serve ({model}; env {service_env or 'defaults'})"
-            print(f"soak: server ready on {url} in {server.startup_s:.1f} s", flush=True)
-        print(f"soak: {args.minutes} min at concurrency {args.concurrency} against {url} "
-              f"(RSS baseline after {warmup:.0f} s)", flush=True)
-        load_before = os.getloadavg()
-        sampler = RssSampler(pid)
-        sampler.start()
-        results, elapsed = asyncio.run(run_load(url, seconds, args.concurrency, args.seed))
-        sampler.halt.set()
-        sampler.join(timeout=10)
-        analysis = analyse(results, elapsed, sampler.samples, warmup, args.rss_ratio, sampler.by_role)
-        if server is not None and not analysis["passed"]:
-            analysis["server_log_tail"] = server.log_tail(6000)
-    finally:
-        if server is not None:
-            server.stop()
-        tmp.cleanup()
+def open_target(args: argparse.Namespace, tmp: Path, stack: contextlib.ExitStack):
+    """(description, url, server pid or None, the local server or None): --url, else a server started here."""
+    if args.url:
+        url = loopback_only(args.url)
+        pid = args.server_pid or pid_listening_on(urlparse(url).port or 80)
+        return url, url, (server_root(pid) if pid else None), None
+    home = args.bentoml_home
+    if home is None:
+        if not args.onnx.is_file():
+            raise SystemExit(f"soak: no model {args.onnx}: run the pipeline (make pipeline) or pass --onnx/--url")
+        home = tmp / "bentoml"
+        print(f"soak: storing {args.onnx} in {home}", flush=True)
+        store_model(args.onnx, home)
+    service_env = {k: v for k, v in os.environ.items() if k.startswith("CLASSIFIER_")}
+    service_env.update(dict(item.split("=", 1) for item in args.service_env))
+    server = stack.enter_context(local_server(home, tmp / "bentoml-serve.log", service_env))
+    model = f"store {home}" if args.bentoml_home else str(args.onnx)
+    print(f"soak: server ready on {server.url} in {server.ready_s:.1f} s", flush=True)
+    return f"local bentoml serve ({model}; env {service_env or 'defaults'})", server.url, server.proc.pid, server
 
-    import httpx
 
-    result = {
-        "started": started.isoformat(timespec="seconds"), "command": shlex.join([sys.executable, *sys.argv]),
-        "target": target, "minutes": args.minutes, "concurrency": args.concurrency, "warmup_s": warmup, "seed": args.seed,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "loadavg_before": [round(x, 2) for x in load_before],
-                    "loadavg_after": [round(x, 2) for x in os.getloadavg()], "httpx": httpx.__version__},
-        "server_startup_s": round(server.startup_s, 1) if server else None,
-        "analysis": analysis,
-    }
+def soak(url: str, pid: int | None, args: argparse.Namespace, warmup: float) -> dict:
+    """The load for --minutes with RSS sampled: the analysis."""
+    print(f"soak: {args.minutes} min at concurrency {args.concurrency} against {url} "
+          f"(RSS baseline after {warmup:.0f} s)", flush=True)
+    sampler = RssSampler(pid)
+    sampler.start()
+    results, elapsed = asyncio.run(run_load(url, args.minutes * 60, args.concurrency, args.seed))
+    sampler.halt.set()
+    sampler.join(timeout=10)
+    return analyse(results, elapsed, sampler.samples, warmup, args.rss_ratio, sampler.by_role)
+
+
+def write_result(result: dict, args: argparse.Namespace, started: dt.datetime) -> Path:
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"soak-{started.strftime('%Y%m%d-%H%M%S')}{'-' + args.tag if args.tag else ''}"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(result))
-    a = analysis
+    stem = args.out / f"soak-{started.strftime('%Y%m%d-%H%M%S')}{'-' + args.tag if args.tag else ''}"
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    Path(f"{stem}.md").write_text(markdown(result))
+    return stem
+
+
+def print_summary(a: dict) -> None:
     print(f"soak: {'PASSED' if a['passed'] else 'FAILED'}: {a['requests']} requests, {a['req_per_s']} req/s, "
           f"statuses {a['statuses']}; RSS {a['memory'].get('rss_after_warmup_mb')} -> {a['memory'].get('rss_end_mb')} MB "
           f"(ratio {a['memory'].get('ratio_end_to_warmup')})")
     for name, check in a["checks"].items():
         print(f"  {name}: {'ok' if check['passed'] else 'FAILED'} {({k: v for k, v in check.items() if k != 'passed'})}")
-    print(f"soak: wrote {args.out / stem}.json and .md")
-    return 0 if a["passed"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    warmup = args.warmup if args.warmup is not None else min(60.0, max(30.0, 0.2 * args.minutes * 60))
+    started = dt.datetime.now(dt.timezone.utc)
+    with tempfile.TemporaryDirectory(prefix="soak-") as tmp, contextlib.ExitStack() as stack:
+        target, url, pid, server = open_target(args, Path(tmp), stack)
+        machine = harness.machine()
+        analysis = soak(url, pid, args, warmup)
+        machine["loadavg_end"] = harness.load_average()
+        if server is not None and not analysis["passed"]:
+            analysis["server_log_tail"] = server.log()[-6000:]
+    result = {
+        "started": started.isoformat(timespec="seconds"), "command": harness.command_line(),
+        "target": target, "minutes": args.minutes, "concurrency": args.concurrency, "warmup_s": warmup, "seed": args.seed,
+        "machine": machine, "versions": harness.versions(("httpx", "bentoml")), "git": harness.git_state(),
+        "server_startup_s": round(server.ready_s, 1) if server else None,
+        "analysis": analysis,
+    }
+    stem = write_result(result, args, started)
+    print_summary(analysis)
+    print(f"soak: wrote {stem}.json and .md")
+    return 0 if analysis["passed"] else 1
 
 
 if __name__ == "__main__":
