@@ -1,7 +1,7 @@
 """Training throughput: the project's training loop against the PyTorch MNIST tutorial's loop.
 
 Both run in this one process, on the same machine, the same MNIST files (staged from DATA_MIRROR, default
-<repo>/../shared/data) and the same `cnn` model from `models.create_model`, for the same number of epochs;
+<repo>/../shared/data: tests.harness.mirror_path) and the same `cnn` model from `models.create_model`, for the same number of epochs;
 then both are evaluated on the MNIST test set.
 
 - project:  pipeline.train's building blocks as `python -m pipeline.train` uses them (the whole uint8
@@ -25,11 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import json
-import os
-import platform
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,8 +43,9 @@ from models import create_model, list_models  # noqa: E402
 from pipeline import atomic  # noqa: E402
 from pipeline.download import Split, channel_stats, limit_split, stage_idx_from_mirror  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
-from pipeline.train import (BatchMaker, DeviceData, DistContext, amp_dtype, evaluate, make_optimizer,  # noqa: E402
-                            make_scheduler, train_epoch)
+from pipeline.train import (BatchMaker, DeviceData, DistContext, Fit, amp_dtype, evaluate,  # noqa: E402
+                            make_optimizer, make_scheduler, train_epoch)
+from tests import harness  # noqa: E402
 
 TUTORIAL = {"batch_size": 64, "lr": 0.01, "momentum": 0.5, "mean": 0.1307, "std": 0.3081, "test_batch_size": 1000}
 SPEEDUP_TARGET = 3.0
@@ -57,50 +53,19 @@ SPEEDUP_TARGET = 3.0
 
 # --- machine and data --------------------------------------------------------------------------------
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
 def machine_info(device: torch.device) -> dict:
     import torchvision
 
-    commit = ""
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                             text=True, timeout=10)
-        commit = out.stdout.strip()
-    except OSError:
-        pass
-    info = {
-        "cpu_model": cpu_model(), "cpu_cores": usable_cores(), "os_cpu_count": os.cpu_count(),
+    m = harness.machine()
+    return {
+        "cpu_model": m["cpu_model"], "cpu_cores": m["usable_cores"], "os_cpu_count": m["cpu_count"],
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "python": platform.python_version(), "platform": platform.platform(), "device": str(device),
+        **harness.versions(()), "platform": m["platform"], "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
-        "git_commit": commit, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "load_average_before": load_average(),  # other work on the machine skews every figure: check these
+        "command": harness.command_line(), "git_commit": harness.git_state()["commit"][:12],
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "load_average_before": m["loadavg_start"],  # other work on the machine skews every figure: check these
     }
-    return info
 
 
 def subset_indices(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
@@ -115,6 +80,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def make_fit(arch: str, kwargs: dict, p, train: Split, n_train: int, device: torch.device) -> Fit:
+    """pipeline.train's Fit for `arch` on `train` (its own channel statistics): model (channels_last when
+    asked), optimizer, schedule, loss, AMP as the train stage builds them."""
+    mean, std = channel_stats(train.images)
+    memory_format = torch.channels_last if p.channels_last else torch.contiguous_format
+    model = create_model(arch, train.images.shape[1], 10, train.images.shape[2], **kwargs)
+    model = model.to(device=device, memory_format=memory_format)
+    opt = make_optimizer(model, p)
+    autocast = amp_dtype(p, device)
+    return Fit(model, BatchMaker(mean, std, device, p.channels_last), opt, make_scheduler(opt, p, n_train // p.batch_size),
+               nn.CrossEntropyLoss(label_smoothing=p.label_smoothing), p, DistContext(), "mnist", autocast,
+               torch.amp.GradScaler("cuda") if autocast == torch.float16 else None)
+
+
 def project_loop(arch: str, train: Split, test: Split, epochs: int, device: torch.device, log):
     """A generator: trains one epoch per next(), then returns (StopIteration.value) the summary row."""
     params = load_params(REPO_ROOT / "params.yaml")
@@ -123,33 +102,22 @@ def project_loop(arch: str, train: Split, test: Split, epochs: int, device: torc
     else:  # a registered model that params.yaml does not train: the shared train section
         p, kwargs = params.train, {}
     p = dataclasses.replace(p, epochs=epochs)
-    ctx = DistContext()
     torch.manual_seed(p.seed)
-    mean, std = channel_stats(train.images)
     train_data, test_data = DeviceData.from_split(train, device), DeviceData.from_split(test, device)
-    make_batch = BatchMaker(mean, std, device, p.channels_last)
-    memory_format = torch.channels_last if p.channels_last else torch.contiguous_format
-    model = create_model(arch, train.images.shape[1], 10, train.images.shape[2], **kwargs)
-    model = model.to(device=device, memory_format=memory_format)
-    steps_per_epoch = len(train_data) // p.batch_size
-    opt = make_optimizer(model, p)
-    sched = make_scheduler(opt, p, steps_per_epoch)
-    autocast = amp_dtype(p, device)
-    scaler = torch.amp.GradScaler("cuda") if autocast == torch.float16 else None
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
+    fit = make_fit(arch, kwargs, p, train, len(train_data), device)
     epoch_seconds, images = [], 0
     for epoch in range(epochs):
         sync(device)
         start = time.perf_counter()
-        stats = train_epoch(model, train_data, make_batch, opt, sched, loss_fn, p, epoch, "mnist", ctx,
-                            autocast, scaler, show_progress=False)
+        stats = train_epoch(fit, train_data, epoch, show_progress=False)
         sync(device)
         epoch_seconds.append(time.perf_counter() - start)
         images += stats.images
         log(f"  project  {arch:<10} epoch {epoch + 1}/{epochs}: loss {stats.loss:.4f} acc {stats.accuracy:.4f} "
             f"{stats.images / epoch_seconds[-1]:,.0f} img/s {epoch_seconds[-1]:.1f}s")
         yield
-    result = evaluate(model, test_data, make_batch, autocast_dtype=autocast)
+    autocast = fit.autocast_dtype
+    result = evaluate(fit.model, test_data, fit.make_batch, autocast_dtype=autocast)
     config = {"optimizer": p.optimizer, "lr": p.lr, "momentum": p.momentum, "nesterov": p.nesterov,
               "weight_decay": p.weight_decay, "schedule": p.schedule, "batch_size": p.batch_size,
               "channels_last": p.channels_last, "amp": str(autocast).replace("torch.", "") if autocast else "off",
@@ -198,17 +166,21 @@ def tutorial_loop(root: Path, train_idx: np.ndarray, test_idx: np.ndarray, epoch
         log(f"  tutorial cnn        epoch {epoch + 1}/{epochs}: loss {loss_sum / seen:.4f} "
             f"{seen / epoch_seconds[-1]:,.0f} img/s {epoch_seconds[-1]:.1f}s")
         yield
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for data, target in test_loader:
-            data, target = data.to(device), target.to(device)
-            correct += (model(data).argmax(1) == target).sum().item()
-            total += len(target)
     config = {"optimizer": "sgd", "lr": TUTORIAL["lr"], "momentum": TUTORIAL["momentum"],
               "batch_size": TUTORIAL["batch_size"], "transforms": "ToTensor, Normalize((0.1307,), (0.3081,))",
               "dataloader_workers": workers}
-    return summary("tutorial", "cnn", epochs, images, epoch_seconds, correct / total, config)
+    return summary("tutorial", "cnn", epochs, images, epoch_seconds, loader_accuracy(model, test_loader, device), config)
+
+
+def loader_accuracy(model: nn.Module, loader, device: torch.device) -> float:
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for data, target in loader:
+            data, target = data.to(device), target.to(device)
+            correct += (model(data).argmax(1) == target).sum().item()
+            total += len(target)
+    return correct / total
 
 
 def run_interleaved(loops: list) -> list[dict]:
@@ -248,7 +220,7 @@ def table(rows: list[dict], baseline: dict | None) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3, help="epochs for every loop (default 3)")
     parser.add_argument("--models", default="cnn",
@@ -268,90 +240,108 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error("--epochs must be >= 1")
-
     archs = list_models() if args.models == "all" else [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in archs if m not in list_models()]
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; registered: {', '.join(list_models())}")
-    archs = sorted(archs, key=lambda m: (m != "cnn", m))  # cnn first: it is compared with the tutorial
+    args.archs = sorted(archs, key=lambda m: (m != "cnn", m))  # cnn first: it is compared with the tutorial
+    return args
 
-    torch.set_num_threads(args.threads or usable_cores())
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-    mirror = Path(os.environ.get("DATA_MIRROR") or REPO_ROOT.parent / "shared" / "data").expanduser()
 
-    def log(message: str) -> None:
-        print(message, flush=True)
+def log(message: str) -> None:
+    print(message, flush=True)
 
-    info = machine_info(device)
-    log(f"bench: {info['cpu_model']}, {info['cpu_cores']} cores, torch {info['torch']} "
-        f"({info['torch_threads']} threads), device {device}")
-    with tempfile.TemporaryDirectory(prefix="bench-mnist-") as tmp:
-        root = Path(tmp)
-        stage_idx_from_mirror("mnist", mirror, root)  # -> <root>/MNIST/raw/, checksums verified
-        from torchvision import datasets
 
-        splits = {}
-        for split, is_train in (("train", True), ("test", False)):
-            ds = datasets.MNIST(str(root), train=is_train, download=False)
-            splits[split] = Split(ds.data.numpy()[:, None].copy(), ds.targets.numpy().astype(np.int64))
-        idx = {s: subset_indices(splits[s].labels, args.limit, seed=0) for s in splits}
-        train = Split(splits["train"].images[idx["train"]], splits["train"].labels[idx["train"]])
-        test = Split(splits["test"].images[idx["test"]], splits["test"].labels[idx["test"]])
-        log(f"bench: MNIST from {mirror}: {len(train.labels)} train / {len(test.labels)} test images, "
-            f"{args.epochs} epoch(s)")
+def load_splits(root: Path, mirror: Path, limit: int) -> tuple[Split, Split, dict[str, np.ndarray]]:
+    """MNIST staged from the mirror into root/MNIST/raw (checksums verified): (train, test, their indices)."""
+    from torchvision import datasets
 
-        rows, baseline = [], None
-        first = []  # the head-to-head: tutorial and project cnn, interleaved epoch by epoch
-        if not args.no_tutorial:
-            first.append(tutorial_loop(root, idx["train"], idx["test"], args.epochs, device, 0,
-                                       args.tutorial_workers, log))
-        if "cnn" in archs:
-            first.append(project_loop("cnn", train, test, args.epochs, device, log))
-        rows += run_interleaved(first)
-        if not args.no_tutorial:
-            baseline = rows[0]
-        for arch in archs:
-            if arch != "cnn":
-                rows += run_interleaved([project_loop(arch, train, test, args.epochs, device, log)])
+    stage_idx_from_mirror("mnist", mirror, root)
+    splits = {}
+    for split, is_train in (("train", True), ("test", False)):
+        ds = datasets.MNIST(str(root), train=is_train, download=False)
+        splits[split] = Split(ds.data.numpy()[:, None].copy(), ds.targets.numpy().astype(np.int64))
+    idx = {s: subset_indices(splits[s].labels, limit, seed=0) for s in splits}
+    train = Split(splits["train"].images[idx["train"]], splits["train"].labels[idx["train"]])
+    test = Split(splits["test"].images[idx["test"]], splits["test"].labels[idx["test"]])
+    return train, test, idx
 
-    info["load_average_after"] = load_average()
+
+def run_loops(args: argparse.Namespace, root: Path, train: Split, test: Split, idx: dict, device: torch.device):
+    """(rows, the tutorial's row or None): the tutorial and project cnn interleaved epoch by epoch (the
+    head-to-head), then the project loop of every other model."""
+    first = []
+    if not args.no_tutorial:
+        first.append(tutorial_loop(root, idx["train"], idx["test"], args.epochs, device, 0, args.tutorial_workers, log))
+    if "cnn" in args.archs:
+        first.append(project_loop("cnn", train, test, args.epochs, device, log))
+    rows = run_interleaved(first)
+    baseline = None if args.no_tutorial else rows[0]
+    for arch in args.archs:
+        if arch != "cnn":
+            rows += run_interleaved([project_loop(arch, train, test, args.epochs, device, log)])
+    return rows, baseline
+
+
+def verdict_of(rows: list[dict], baseline: dict | None) -> dict | None:
     project_cnn = next((r for r in rows if r["loop"] == "project" and r["model"] == "cnn"), None)
-    verdict = None
-    if baseline and project_cnn:
-        speedup = project_cnn["images_per_sec"] / baseline["images_per_sec"]
-        verdict = {"speedup": round(speedup, 2), "target": SPEEDUP_TARGET,
-                   "accuracy_delta": round(project_cnn["test_acc"] - baseline["test_acc"], 4),
-                   "met": speedup >= SPEEDUP_TARGET and project_cnn["test_acc"] >= baseline["test_acc"]}
-    md = table(rows, baseline)
-    print()
-    print(md)
-    if verdict:
-        print(f"\nproject cnn vs tutorial: {verdict['speedup']:.2f}x images/s (target >= {SPEEDUP_TARGET:g}x), "
-              f"test accuracy {verdict['accuracy_delta']:+.4f}: {'MET' if verdict['met'] else 'NOT MET'}")
+    if not (baseline and project_cnn):
+        return None
+    speedup = project_cnn["images_per_sec"] / baseline["images_per_sec"]
+    return {"speedup": round(speedup, 2), "target": SPEEDUP_TARGET,
+            "accuracy_delta": round(project_cnn["test_acc"] - baseline["test_acc"], 4),
+            "met": speedup >= SPEEDUP_TARGET and project_cnn["test_acc"] >= baseline["test_acc"]}
 
-    name = args.name or "train_throughput_{}_{}ep{}".format(
-        "all" if args.models == "all" else "-".join(archs), args.epochs, f"_limit{args.limit}" if args.limit else "")
-    out_dir = Path(args.out)
-    result = {"machine": info, "data": {"mirror": str(mirror), "train_images": int(len(train.labels)),
-                                        "test_images": int(len(test.labels)), "limit": args.limit},
-              "epochs": args.epochs, "results": rows, "project_vs_tutorial": verdict}
-    atomic.write_json(out_dir / f"{name}.json", result)
+
+def report_markdown(name: str, result: dict, md: str) -> str:
+    info, data, verdict = result["machine"], result["data"], result["project_vs_tutorial"]
     machine = (f"{info['cpu_model']}, {info['cpu_cores']} cores, {info['torch_threads']} torch threads, "
                f"torch {info['torch']}, torchvision {info['torchvision']}, Python {info['python']}, "
                f"device {info['device']}" + (f" ({info['gpu']})" if info["gpu"] else ""))
     text = [f"# Training throughput: {name}", "", f"- date: {info['date']} (git {info['git_commit'] or 'n/a'})",
             f"- machine: {machine}", f"- command: `{info['command']}`",
-            f"- data: MNIST, {len(train.labels)} train / {len(test.labels)} test images, {args.epochs} epoch(s)",
+            f"- data: MNIST, {data['train_images']} train / {data['test_images']} test images, {result['epochs']} epoch(s)",
             f"- load average (1, 5, 15 min) before / after: {info['load_average_before']} / "
             f"{info['load_average_after']}",
             "", md, ""]
     if verdict:
         text += [f"Project cnn vs tutorial: **{verdict['speedup']:.2f}x** images/s (target >= {SPEEDUP_TARGET:g}x), "
                  f"test accuracy {verdict['accuracy_delta']:+.4f}: **{'met' if verdict['met'] else 'not met'}**.", ""]
-    atomic.write_text(out_dir / f"{name}.md", "\n".join(text))
+    return "\n".join(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads or harness.usable_cores())
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    mirror = harness.mirror_path()
+    info = machine_info(device)
+    log(f"bench: {info['cpu_model']}, {info['cpu_cores']} cores, torch {info['torch']} "
+        f"({info['torch_threads']} threads), device {device}")
+    with tempfile.TemporaryDirectory(prefix="bench-mnist-") as tmp:
+        train, test, idx = load_splits(Path(tmp), mirror, args.limit)
+        log(f"bench: MNIST from {mirror}: {len(train.labels)} train / {len(test.labels)} test images, "
+            f"{args.epochs} epoch(s)")
+        rows, baseline = run_loops(args, Path(tmp), train, test, idx, device)
+    info["load_average_after"] = harness.load_average()
+    verdict = verdict_of(rows, baseline)
+    md = table(rows, baseline)
+    print()
+    print(md)
+    if verdict:
+        print(f"\nproject cnn vs tutorial: {verdict['speedup']:.2f}x images/s (target >= {SPEEDUP_TARGET:g}x), "
+              f"test accuracy {verdict['accuracy_delta']:+.4f}: {'MET' if verdict['met'] else 'NOT MET'}")
+    name = args.name or "train_throughput_{}_{}ep{}".format(
+        "all" if args.models == "all" else "-".join(args.archs), args.epochs, f"_limit{args.limit}" if args.limit else "")
+    out_dir = Path(args.out)
+    result = {"machine": info, "data": {"mirror": str(mirror), "train_images": int(len(train.labels)),
+                                        "test_images": int(len(test.labels)), "limit": args.limit},
+              "epochs": args.epochs, "results": rows, "project_vs_tutorial": verdict}
+    atomic.write_json(out_dir / f"{name}.json", result)
+    atomic.write_text(out_dir / f"{name}.md", report_markdown(name, result, md))
     print(f"\nbench: wrote {out_dir / (name + '.json')} and .md")
     return 1 if args.check and verdict and not verdict["met"] else 0
 
