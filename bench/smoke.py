@@ -190,91 +190,107 @@ class Smoke:
         return result
 
 
-def run(args: argparse.Namespace, out=sys.stdout) -> int:
-    smoke = Smoke(args.url, args.timeout, out)
-    out.write(f"smoke test of {smoke.base} (timeout {args.timeout:g} s per request)\n")
-    if args.wait > 0:
-        smoke.wait_ready(args.wait)
-
+def check_probes(smoke: Smoke) -> None:
     for path, name in (("/livez", "GET /livez"), ("/readyz", "GET /readyz")):
         resp = smoke.check(name, lambda p=path: smoke.probe(p))
         if resp is not None:
             smoke.line(True, name, f"200 in {resp.ms:.0f} ms")
 
-    def metadata() -> dict:
-        resp = smoke.probe("/metadata")
-        meta = resp.json()
-        problems = []
-        if not isinstance(meta, dict):
-            raise CheckFailed(f"expected a JSON object, got {type(meta).__name__}")
-        classes = meta.get("classes")
-        if not isinstance(classes, list) or not classes:
-            problems.append("no 'classes'")
-        if not meta.get("model_name"):
-            problems.append("no 'model_name'")
-        shape = meta.get("input_shape")
-        if not (isinstance(shape, list) and len(shape) == 4):
-            problems.append(f"bad 'input_shape' {shape!r}")
-        if problems:
-            raise CheckFailed("; ".join(problems))
-        meta["_ms"] = resp.ms
-        return meta
 
-    meta = smoke.check("GET /metadata", metadata)
+def fetch_metadata(smoke: Smoke) -> dict:
+    resp = smoke.probe("/metadata")
+    meta = resp.json()
+    problems = []
+    if not isinstance(meta, dict):
+        raise CheckFailed(f"expected a JSON object, got {type(meta).__name__}")
+    classes = meta.get("classes")
+    if not isinstance(classes, list) or not classes:
+        problems.append("no 'classes'")
+    if not meta.get("model_name"):
+        problems.append("no 'model_name'")
+    shape = meta.get("input_shape")
+    if not (isinstance(shape, list) and len(shape) == 4):
+        problems.append(f"bad 'input_shape' {shape!r}")
+    if problems:
+        raise CheckFailed("; ".join(problems))
+    meta["_ms"] = resp.ms
+    return meta
+
+
+def report_metadata(smoke: Smoke, meta: dict) -> None:
+    providers = meta.get("execution_providers") or meta.get("active_providers") or ["?"]
+    smoke.line(True, "GET /metadata", f"{meta['model_name']} version {meta.get('registry_version') or meta.get('model_version')} "
+               f"alias {meta.get('registry_alias') or '-'} ({meta.get('model_tag', '?')}), {len(meta['classes'])} classes, "
+               f"input {'x'.join(str(d) for d in meta['input_shape'][1:])}, on {providers[0]} in {meta['_ms']:.0f} ms")
+    if meta.get("provider_warning"):
+        smoke.out.write(f"  WARN  {'':<16} execution provider fallback: {meta['provider_warning']}\n")
+
+
+def request_image(args: argparse.Namespace, meta: Optional[dict]) -> Tuple[bytes, str, str, str]:
+    """(bytes, filename, MIME type, a description): --image, else a generated digit sized for the model."""
+    if args.image:
+        try:
+            with open(args.image, "rb") as f:
+                data = f.read()
+        except OSError as err:
+            raise CheckFailed(f"cannot read --image {args.image}: {err.strerror or err}") from None
+        return data, os.path.basename(args.image), guess_mime(args.image), args.image
+    size, channels = 28, 1
     if meta is not None:
-        providers = meta.get("execution_providers") or meta.get("active_providers") or ["?"]
-        smoke.line(True, "GET /metadata", f"{meta['model_name']} version {meta.get('registry_version') or meta.get('model_version')} "
-                   f"alias {meta.get('registry_alias') or '-'} ({meta.get('model_tag', '?')}), {len(meta['classes'])} classes, "
-                   f"input {'x'.join(str(d) for d in meta['input_shape'][1:])}, on {providers[0]} in {meta['_ms']:.0f} ms")
-        if meta.get("provider_warning"):
-            out.write(f"  WARN  {'':<16} execution provider fallback: {meta['provider_warning']}\n")
+        size = int(meta.get("image_size") or meta["input_shape"][-1] or 28)
+        channels = int(meta.get("in_channels") or meta["input_shape"][1] or 1)
+    return (png_bytes(digit_pixels(size), channels), "smoke-digit-1.png", "image/png",
+            f"a generated {size}x{size} {'gray' if channels == 1 else 'RGB'} digit '1'")
 
-    def classify() -> None:
-        if args.image:
-            try:
-                with open(args.image, "rb") as f:
-                    data = f.read()
-            except OSError as err:
-                raise CheckFailed(f"cannot read --image {args.image}: {err.strerror or err}") from None
-            filename, mime, what = os.path.basename(args.image), guess_mime(args.image), args.image
-        else:
-            size, channels = 28, 1
-            if meta is not None:
-                size = int(meta.get("image_size") or meta["input_shape"][-1] or 28)
-                channels = int(meta.get("in_channels") or meta["input_shape"][1] or 1)
-            data, filename, mime = png_bytes(digit_pixels(size), channels), "smoke-digit-1.png", "image/png"
-            what = f"a generated {size}x{size} {'gray' if channels == 1 else 'RGB'} digit '1'"
-        k = 3 if meta is None else max(1, min(3, len(meta["classes"])))
-        body, content_type = multipart([("top_k", str(k))], [("images", filename, data, mime)])
-        resp = request(smoke.url("/classify"), args.timeout, data=body, headers={"Content-Type": content_type, "Accept": "application/json"})
-        if resp.status != 200:
-            raise CheckFailed(resp.error_text())
-        preds = resp.json()
-        if not (isinstance(preds, list) and len(preds) == 1 and isinstance(preds[0], dict)):
-            raise CheckFailed(f"expected a list with one prediction, got {str(preds)[:200]}")
-        p = preds[0]
-        top = p.get("top_k") or []
-        problems = []
-        score = p.get("score")
-        if not isinstance(score, (int, float)) or not (0.0 <= score <= 1.0) or math.isnan(score):
-            problems.append(f"score {score!r} is not a probability")
-        if meta is not None and p.get("label") not in meta["classes"]:
-            problems.append(f"label {p.get('label')!r} is not one of the model's classes")
-        if len(top) != k or any(a["score"] < b["score"] for a, b in zip(top, top[1:])):
-            problems.append(f"top_k is not {k} entries in descending order: {top}")
-        if args.expect_label is not None and str(p.get("label")) != args.expect_label:
-            problems.append(f"label {p.get('label')!r}, expected {args.expect_label!r}")
-        if problems:
-            raise CheckFailed("; ".join(problems))
-        server = resp.headers.get("Server-Timing") or resp.headers.get("server-timing") or ""
-        server_ms = ""
-        if "dur=" in server:
-            server_ms = f", server {server.split('dur=', 1)[1].split(',')[0].split(';')[0]} ms"
-        alts = ", ".join(f"{t['label']} {t['score']:.3f}" for t in top[1:])
-        smoke.line(True, "POST /classify", f"{what} -> {p['label']} ({score:.3f}){'; then ' + alts if alts else ''}; "
-                   f"{resp.ms:.0f} ms{server_ms}")
 
-    smoke.check("POST /classify", classify)
+def check_prediction(preds: Any, meta: Optional[dict], k: int, expect_label: Optional[str]) -> Dict[str, Any]:
+    """The one prediction of a /classify answer, or CheckFailed saying what is wrong with it."""
+    if not (isinstance(preds, list) and len(preds) == 1 and isinstance(preds[0], dict)):
+        raise CheckFailed(f"expected a list with one prediction, got {str(preds)[:200]}")
+    p = preds[0]
+    top = p.get("top_k") or []
+    problems = []
+    score = p.get("score")
+    if not isinstance(score, (int, float)) or not (0.0 <= score <= 1.0) or math.isnan(score):
+        problems.append(f"score {score!r} is not a probability")
+    if meta is not None and p.get("label") not in meta["classes"]:
+        problems.append(f"label {p.get('label')!r} is not one of the model's classes")
+    if len(top) != k or any(a["score"] < b["score"] for a, b in zip(top, top[1:])):
+        problems.append(f"top_k is not {k} entries in descending order: {top}")
+    if expect_label is not None and str(p.get("label")) != expect_label:
+        problems.append(f"label {p.get('label')!r}, expected {expect_label!r}")
+    if problems:
+        raise CheckFailed("; ".join(problems))
+    return p
+
+
+def classify(smoke: Smoke, args: argparse.Namespace, meta: Optional[dict]) -> None:
+    data, filename, mime, what = request_image(args, meta)
+    k = 3 if meta is None else max(1, min(3, len(meta["classes"])))
+    body, content_type = multipart([("top_k", str(k))], [("images", filename, data, mime)])
+    resp = request(smoke.url("/classify"), args.timeout, data=body, headers={"Content-Type": content_type, "Accept": "application/json"})
+    if resp.status != 200:
+        raise CheckFailed(resp.error_text())
+    p = check_prediction(resp.json(), meta, k, args.expect_label)
+    server = resp.headers.get("Server-Timing") or resp.headers.get("server-timing") or ""
+    server_ms = ""
+    if "dur=" in server:
+        server_ms = f", server {server.split('dur=', 1)[1].split(',')[0].split(';')[0]} ms"
+    alts = ", ".join(f"{t['label']} {t['score']:.3f}" for t in (p.get("top_k") or [])[1:])
+    smoke.line(True, "POST /classify", f"{what} -> {p['label']} ({p['score']:.3f}){'; then ' + alts if alts else ''}; "
+               f"{resp.ms:.0f} ms{server_ms}")
+
+
+def run(args: argparse.Namespace, out=sys.stdout) -> int:
+    smoke = Smoke(args.url, args.timeout, out)
+    out.write(f"smoke test of {smoke.base} (timeout {args.timeout:g} s per request)\n")
+    if args.wait > 0:
+        smoke.wait_ready(args.wait)
+    check_probes(smoke)
+    meta = smoke.check("GET /metadata", lambda: fetch_metadata(smoke))
+    if meta is not None:
+        report_metadata(smoke, meta)
+    smoke.check("POST /classify", lambda: classify(smoke, args, meta))
     checks = 4
     if smoke.failures:
         out.write(f"FAILED: {smoke.failures} of {checks} checks failed\n")
