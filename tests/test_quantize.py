@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime.quantization")
 
 from pipeline import quantize as q  # noqa: E402
+from service.contract import write_metadata  # noqa: E402
 from tests.harness import MissingData, load_mnist  # noqa: E402
 
 N_TRAIN, N_TEST = 6000, 1000
@@ -166,11 +167,11 @@ def test_variants_that_break_the_service_contract_are_refused(fp32_model, mnist)
     fp32_meta = q.read_metadata(onnx.load_from_string(fp32_model))
     good = variants(fp32_model, mnist, kinds=("fp16",)).variants["fp16"]
     relabelled = onnx.load_from_string(good)
-    q.set_metadata(relabelled, {**q.read_metadata(relabelled), "classes": json.dumps(list("abcdefghij"))})
+    write_metadata(relabelled, {**q.read_metadata(relabelled), "classes": json.dumps(list("abcdefghij"))})
     assert "metadata differs" in " ".join(q.verify_contract(relabelled.SerializeToString(), fp32_meta, "fp16"))
     assert "precision" in " ".join(q.verify_contract(good, fp32_meta, "int8"))
     fp16_io = float16.convert_float_to_float16(onnx.load_from_string(fp32_model), keep_io_types=False)
-    q.set_metadata(fp16_io, {**fp32_meta, "precision": "fp16"})
+    write_metadata(fp16_io, {**fp32_meta, "precision": "fp16"})
     problems = q.verify_contract(fp16_io.SerializeToString(), fp32_meta, "fp16")
     assert problems and "float32" in problems[0]  # float16 input: the service would refuse it
 
