@@ -100,15 +100,11 @@ def untrained_resnet18(images: np.ndarray):
 
 def parity_max_diff(pt_path: Path, onnx_bytes: bytes, images: np.ndarray) -> float:
     """max |logit difference| between the saved .pt (PyTorch) and the ONNX model (ONNX Runtime)."""
-    import onnxruntime as ort
-    import torch
-
-    from pipeline.modelfile import load_model_file, normalize, predict_logits
+    from pipeline.modelfile import load_model_file, predict_logits
+    from service.contract import normalize, run_logits
 
     reloaded, _ = load_model_file(pt_path)
-    x = normalize(torch.as_tensor(images), CIFAR_MEAN, CIFAR_STD).numpy()
-    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-    onnx_out = session.run(["logits"], {"input": x})[0]
+    onnx_out = run_logits(onnx_bytes, normalize(images, CIFAR_MEAN, CIFAR_STD))
     return float(np.abs(predict_logits(reloaded, images, CIFAR_MEAN, CIFAR_STD).numpy() - onnx_out).max())
 
 

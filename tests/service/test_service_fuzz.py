@@ -132,96 +132,110 @@ class ResponseReader:
             self.responses[-1].complete = True
             self._state = "head"
 
+    def _line(self) -> bytes | None:
+        """The next CRLF-terminated line, taken from the buffer; None until all of it came."""
+        end = self.buf.find(b"\r\n")
+        if end < 0:
+            return None
+        line, self.buf = self.buf[:end], self.buf[end + 2:]
+        return line
+
+    def _take(self, response, then: str) -> bool:
+        """Move the bytes still due, as far as the buffer holds them, into the body (its first 4 KB are
+        kept); once all came, go on to state ``then`` (``head``: the response is complete) and say True."""
+        take = self.buf[:self._need]
+        response.body += take[:max(0, 4096 - len(response.body))]
+        self._need -= len(take)
+        self.buf = self.buf[len(take):]
+        if self._need:
+            return False
+        response.complete = response.complete or then == "head"
+        self._state = then
+        return True
+
+    #: states that take a counted number of bytes -> the state after them
+    TAKE_THEN = {"body": "head", "chunk_data": "chunk_size"}
+
     def _step(self) -> bool:
+        """Parse what the buffer holds in the current state; True when the state moved on."""
         if self._state == "head":
-            if not self.buf:
-                return False
-            end = self.buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self.buf) > self.MAX_HEAD or not b"HTTP/1."[:len(self.buf)].startswith(self.buf[:7]):
-                    self.bad = self.buf[:300]
-                return False
-            head, self.buf = self.buf[:end], self.buf[end + 4:]
-            match = re.match(rb"HTTP/1\.[01] ([1-5][0-9][0-9])(?: [^\r\n]*)?(?:\r\n|$)", head)
-            if match is None:
-                self.bad = head[:300]
-                return False
-            status = int(match.group(1))
-            headers = {}
-            for line in head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                headers.setdefault(name.strip().lower(), value.strip().lower())
-            if 100 <= status < 200 and status != 101:
-                return True  # interim
-            response = Response(status, head)
-            self.responses.append(response)
-            if status == 101 or headers.get(b"connection") == b"close":
-                self.closing = True
-            head_reply, self._no_body_next = self._no_body_next, False
-            length = headers.get(b"content-length", b"")
-            if status in (101, 204, 304):
-                response.complete = True
-            elif b"chunked" in headers.get(b"transfer-encoding", b""):
-                self._state = "chunk_size"
-            elif length.isdigit():
-                # the answer to a HEAD has no body, unless the server did not take the request as a
-                # HEAD (a 400 for a mangled request line): then what follows is not a response
-                self._state, self._need = ("maybe_body" if head_reply else "body"), int(length)
-                if self._need == 0:
-                    response.complete, self._state = True, "head"
-            elif head_reply:
-                response.complete = True
-            else:
-                self._state = "until_close"
-            return True
-        response = self.responses[-1]
-        if self._state == "maybe_body":
-            if not self.buf or b"HTTP/"[:len(self.buf)] == self.buf[:5]:
-                if len(self.buf) >= 5:  # the next response: this one had no body
-                    response.complete, self._state = True, "head"
-                    return True
-                return False
-            self._state = "body"
-            return True
-        if self._state == "body":
-            take = self.buf[:self._need]
-            response.body += take[:4096 - len(response.body)] if len(response.body) < 4096 else b""
-            self._need -= len(take)
-            self.buf = self.buf[len(take):]
+            return self._on_head()
+        if self._state in self.TAKE_THEN:  # bytes counted by Content-Length or a chunk size
+            return self._take(self.responses[-1], then=self.TAKE_THEN[self._state])
+        return getattr(self, f"_on_{self._state}")(self.responses[-1])
+
+    def _on_head(self) -> bool:
+        if not self.buf:
+            return False
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.buf) > self.MAX_HEAD or not b"HTTP/1."[:len(self.buf)].startswith(self.buf[:7]):
+                self.bad = self.buf[:300]
+            return False
+        head, self.buf = self.buf[:end], self.buf[end + 4:]
+        match = re.match(rb"HTTP/1\.[01] ([1-5][0-9][0-9])(?: [^\r\n]*)?(?:\r\n|$)", head)
+        if match is None:
+            self.bad = head[:300]
+            return False
+        status = int(match.group(1))
+        headers = {}
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            headers.setdefault(name.strip().lower(), value.strip().lower())
+        if 100 <= status < 200 and status != 101:
+            return True  # interim
+        response = Response(status, head)
+        self.responses.append(response)
+        if status == 101 or headers.get(b"connection") == b"close":
+            self.closing = True
+        head_reply, self._no_body_next = self._no_body_next, False
+        length = headers.get(b"content-length", b"")
+        if status in (101, 204, 304):
+            response.complete = True
+        elif b"chunked" in headers.get(b"transfer-encoding", b""):
+            self._state = "chunk_size"
+        elif length.isdigit():
+            # the answer to a HEAD has no body, unless the server did not take the request as a
+            # HEAD (a 400 for a mangled request line): then what follows is not a response
+            self._state, self._need = ("maybe_body" if head_reply else "body"), int(length)
             if self._need == 0:
+                response.complete, self._state = True, "head"
+        elif head_reply:
+            response.complete = True
+        else:
+            self._state = "until_close"
+        return True
+
+    def _on_maybe_body(self, response) -> bool:
+        if not self.buf or b"HTTP/"[:len(self.buf)] == self.buf[:5]:
+            if len(self.buf) >= 5:  # the next response: this one had no body
                 response.complete, self._state = True, "head"
                 return True
             return False
-        if self._state == "chunk_size":
-            end = self.buf.find(b"\r\n")
-            if end < 0:
-                return False
-            line, self.buf = self.buf[:end], self.buf[end + 2:]
-            try:
-                size = int(line.split(b";")[0].strip(), 16)
-            except ValueError:
-                self.bad = b"bad chunk size in the response: " + line[:100]
-                return False
-            self._state, self._need = ("chunk_data", size + 2) if size else ("trailer", 0)
-            return True
-        if self._state == "chunk_data":
-            take = self.buf[:self._need]
-            response.body += take[:4096]
-            self._need -= len(take)
-            self.buf = self.buf[len(take):]
-            if self._need == 0:
-                self._state = "chunk_size"
-                return True
+        self._state = "body"
+        return True
+
+    def _on_chunk_size(self, response) -> bool:
+        line = self._line()
+        if line is None:
             return False
-        if self._state == "trailer":
-            end = self.buf.find(b"\r\n")
-            if end < 0:
-                return False
-            line, self.buf = self.buf[:end], self.buf[end + 2:]
-            if not line:
-                response.complete, self._state = True, "head"
-            return True
-        # until_close
+        try:
+            size = int(line.split(b";")[0].strip(), 16)
+        except ValueError:
+            self.bad = b"bad chunk size in the response: " + line[:100]
+            return False
+        self._state, self._need = ("chunk_data", size + 2) if size else ("trailer", 0)
+        return True
+
+    def _on_trailer(self, response) -> bool:
+        line = self._line()
+        if line is None:
+            return False
+        if not line:
+            response.complete, self._state = True, "head"
+        return True
+
+    def _on_until_close(self, response) -> bool:
         response.body += self.buf[:4096]
         self.buf = b""
         return False
