@@ -225,7 +225,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", type=ints, default=[1, 8, 32, 64], help="raw ORT batch sizes")
     p.add_argument("--ort-threads", type=ints, default=[1, 2], help="raw ORT intra-op thread counts")
     p.add_argument("--service-env", action="append", default=[], metavar="KEY=VALUE",
-                   help="environment for bentoml serve, e.g. CLASSIFIER_API_WORKERS=2 (repeatable)")
+                   help="environment for bentoml serve, e.g. CLASSIFIER_WORKERS=2 (repeatable)")
     p.add_argument("--service-dir", type=Path, default=REPO,
                    help="serve the `service` package from this folder (e.g. an older copy: `git archive HEAD service`)")
     p.add_argument("--startup-repeats", type=int, default=3, help="times the service start-up is timed (median)")

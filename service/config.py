@@ -70,8 +70,16 @@ ENV_VARS: dict[str, tuple[str, str]] = {
 }
 
 
-#: variables of the earlier two-service layout (API workers + a model-runtime service) -> replacement
-RENAMED = {"CLASSIFIER_API_WORKERS": "CLASSIFIER_WORKERS", "CLASSIFIER_RUNTIME_WORKERS": "CLASSIFIER_WORKERS"}
+def _check_names(env: Mapping[str, str]) -> None:
+    """An unknown CLASSIFIER_* variable is an error (a typo, or a setting that no longer exists would
+    otherwise be ignored without a word), naming the closest known one."""
+    import difflib
+
+    for name in sorted(n for n in env if n.startswith("CLASSIFIER_") and n not in ENV_VARS):
+        known = {k.removeprefix("CLASSIFIER_"): k for k in ENV_VARS}  # the shared prefix would make all "close"
+        close = difflib.get_close_matches(name.removeprefix("CLASSIFIER_"), known, n=1, cutoff=0.6)
+        hint = f"; did you mean {known[close[0]]}?" if close else "; docs/deployment.md lists them"
+        raise ValueError(f"{name} is not a setting of this service{hint}")
 
 
 def _int(env: Mapping[str, str], name: str, minimum: int) -> int:
@@ -162,9 +170,7 @@ class ServiceConfig:
             raise ValueError(f"CLASSIFIER_SHADOW_ALIAS={shadow_alias!r} is the served alias itself")
         if ":" in name:
             raise ValueError(f"CLASSIFIER_MODEL_NAME={name!r} must be a bare name; put the version in CLASSIFIER_MODEL_VERSION")
-        for old in RENAMED:
-            if env.get(old, "").strip():
-                raise ValueError(f"{old} is gone: the model now runs in every worker; set {RENAMED[old]} instead")
+        _check_names(env)
         providers = env.get("CLASSIFIER_PROVIDERS", "").strip() or "auto"
         max_batch_size = _int(env, "CLASSIFIER_MAX_BATCH_SIZE", 1)
         cpu_count = os.cpu_count() or 1

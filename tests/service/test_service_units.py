@@ -73,8 +73,9 @@ def test_config_from_env_and_errors():
     for env, match in [
         ({"CLASSIFIER_MAX_BATCH_SIZE": "0"}, "CLASSIFIER_MAX_BATCH_SIZE"),
         ({"CLASSIFIER_WORKERS": "-1"}, "CLASSIFIER_WORKERS"),
-        ({"CLASSIFIER_RUNTIME_WORKERS": "2"}, "CLASSIFIER_RUNTIME_WORKERS is gone.*CLASSIFIER_WORKERS"),
-        ({"CLASSIFIER_API_WORKERS": "2"}, "CLASSIFIER_API_WORKERS is gone.*CLASSIFIER_WORKERS"),
+        ({"CLASSIFIER_API_WORKERS": "2"}, "CLASSIFIER_API_WORKERS is not a setting.*did you mean CLASSIFIER_WORKERS"),
+        ({"CLASSIFIER_MAX_BATCH": "2"}, "CLASSIFIER_MAX_BATCH is not a setting.*did you mean CLASSIFIER_MAX_BATCH_SIZE"),
+        ({"CLASSIFIER_FROBNICATE_EVERYTHING": "1"}, "CLASSIFIER_FROBNICATE_EVERYTHING is not a setting.*docs/deployment.md"),
         ({"CLASSIFIER_ACCESS_LOG": "maybe"}, "CLASSIFIER_ACCESS_LOG"),
         ({"CLASSIFIER_TOP_K": "five"}, "CLASSIFIER_TOP_K"),
         ({"CLASSIFIER_MODEL_NAME": "a:b"}, "CLASSIFIER_MODEL_NAME"),
