@@ -36,7 +36,7 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 REQUIRED_KEYS = ("classes", "in_channels", "image_size", "mean", "std")
 #: keys whose values are JSON (the others, e.g. mlflow_run_id, are plain strings)
 JSON_KEYS = frozenset({"classes", "in_channels", "image_size", "mean", "std", "num_params"})
-#: keys a reduced-precision variant (pipeline.quantize) adds; every other key is the FP32 model's
+#: keys a reduced-precision variant (bench/quantize.py) adds; every other key is the FP32 model's
 VARIANT_KEYS = frozenset({"precision", "quantization"})
 #: the ``resize`` values (Pillow filters of the same names; service.preprocessing maps them)
 RESIZE_FILTERS = ("nearest", "box", "bilinear", "hamming", "bicubic", "lanczos")

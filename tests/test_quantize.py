@@ -1,4 +1,4 @@
-"""pipeline/quantize.py on a tiny real model: the zoo's `cnn` fitted briefly on a real MNIST subset and
+"""bench/quantize.py on a tiny real model: the zoo's `cnn` fitted briefly on a real MNIST subset and
 exported by the export stage's own function (pipeline.export.export_onnx). ~15 s on 2 CPU cores."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ onnx = pytest.importorskip("onnx")
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime.quantization")
 
-from pipeline import quantize as q  # noqa: E402
+from bench import quantize as q  # noqa: E402
 from service.contract import write_metadata  # noqa: E402
 from tests.harness import MissingData, load_mnist  # noqa: E402
 
@@ -114,11 +114,12 @@ def test_both_variants_pass_their_gates_and_keep_the_contract(fp32_model, mnist)
         assert q.verify_contract(outcome.variants[kind], fp32_meta, kind) == []
 
 
-def test_cli_writes_gated_variants_beside_the_export(fp32_model, mnist, tmp_path, monkeypatch, capsys):
+def test_cli_writes_gated_variants_outside_the_export(fp32_model, mnist, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(project(tmp_path, fp32_model, mnist))
     assert q.main(["--arch", "cnn", "--calibration-images", "200"]) == 0
-    out = tmp_path / "exports" / "cnn"
-    assert (out / "model.onnx").read_bytes() == fp32_model  # the FP32 export is untouched
+    out = tmp_path / "variants" / "cnn"
+    assert sorted(p.name for p in (tmp_path / "exports" / "cnn").iterdir()) == ["model.onnx"]  # the export stage's own
+    assert (tmp_path / "exports" / "cnn" / "model.onnx").read_bytes() == fp32_model
     for kind in ("int8", "fp16"):
         meta = q.read_metadata(onnx.load(str(out / f"model.{kind}.onnx")))
         assert meta["precision"] == kind and meta["arch"] == "cnn"
@@ -134,22 +135,23 @@ def test_cli_writes_gated_variants_beside_the_export(fp32_model, mnist, tmp_path
 def test_only_the_requested_variant_is_made(fp32_model, mnist, tmp_path, monkeypatch):
     monkeypatch.chdir(project(tmp_path, fp32_model, mnist))
     assert q.main(["--arch", "cnn", "--fp16"]) == 0
-    assert (tmp_path / "exports/cnn/model.fp16.onnx").is_file()
-    assert not (tmp_path / "exports/cnn/model.int8.onnx").exists()
+    assert (tmp_path / "variants/cnn/model.fp16.onnx").is_file()
+    assert not (tmp_path / "variants/cnn/model.int8.onnx").exists()
 
 
 def test_a_variant_that_fails_its_gate_is_not_written_and_the_stage_fails(fp32_model, mnist, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(project(tmp_path, fp32_model, mnist))
-    stale = tmp_path / "exports/cnn/model.int8.onnx"
+    stale = tmp_path / "variants/cnn/model.int8.onnx"
+    stale.parent.mkdir(parents=True)
     stale.write_bytes(b"an older variant")  # must not survive a failed run
     real = q.quantize_int8
     monkeypatch.setattr(q, "quantize_int8", lambda *a, **k: tamper_int8_weights(real(*a, **k)))
     assert q.main(["--arch", "cnn", "--calibration-images", "200"]) == 1
     assert not stale.exists()
-    assert (tmp_path / "exports/cnn/model.fp16.onnx").is_file()  # the other variant is unaffected
+    assert (tmp_path / "variants/cnn/model.fp16.onnx").is_file()  # the other variant is unaffected
     err = capsys.readouterr().err
     assert "int8 failed its gate" in err and "points below FP32" in err
-    summary = json.loads((tmp_path / "exports/cnn/quantize.json").read_text())
+    summary = json.loads((tmp_path / "variants/cnn/quantize.json").read_text())
     assert summary["int8_passed"] == 0 and summary["fp16_passed"] == 1
 
 

@@ -165,7 +165,7 @@ def test_stage_entry_points_turn_an_unusable_store_into_exit_3(capsys):
 
 @pytest.mark.parametrize("error, code", [
     ("pipeline.params:ParamsError", 2), ("pipeline.download:DownloadError", 2), ("pipeline.promote:PromotionError", 2),
-    ("pipeline.serving:ServingError", 2), ("pipeline.quantize:QuantizeError", 2), ("builtins:FileNotFoundError", 2),
+    ("pipeline.serving:ServingError", 2), ("bench.quantize:QuantizeError", 2), ("builtins:FileNotFoundError", 2),
     ("pipeline.tracking:RegistryBusy", 3), ("builtins:TimeoutError", 3), ("builtins:OSError", 4),
 ])
 def test_every_stage_error_has_its_exit_code_and_one_line(capsys, error, code):

@@ -1,6 +1,11 @@
-"""Quantize stage: INT8 (static, calibrated) and FP16 variants of an exported model, each behind a gate.
+"""Model variants (on demand, not a pipeline stage): INT8 (static, calibrated) and FP16 versions of
+an exported model, each behind a gate, optionally benchmarked against FP32 side by side.
 
-    python -m pipeline.quantize --arch cnn [--int8] [--fp16] [--bench]
+    .venv/bin/python -m bench.quantize --arch cnn [--int8] [--fp16] [--out variants] [--bench]
+
+Not in the DVC DAG: nothing downstream uses the variants (the service serves the registry's FP32
+model), and INT8 is slower than FP32 for these small CNNs on AVX2 CPUs (README, "Model variants"), so
+every `dvc repro` would pay the calibration for files nobody reads.
 
 Reads the export stage's FP32 model ``exports/<arch>/model.onnx`` and the prepared data
 (``data/prepared/{train,test}.npz``); with neither ``--int8`` nor ``--fp16`` both variants are made.
@@ -21,8 +26,8 @@ Reads the export stage's FP32 model ``exports/<arch>/model.onnx`` and the prepar
 Every variant must also pass the service's own contract check (``service.engine.OnnxClassifier``) and
 carry the FP32 model's ``metadata_props`` unchanged plus ``precision`` (``int8``/``fp16``) and
 ``quantization`` (the recipe, JSON). A variant that fails is not written (a stale copy is removed) and
-the stage exits 1 naming the failure. Outputs, beside the FP32 model: ``model.int8.onnx``,
-``model.fp16.onnx``, ``quantize.json`` (gate figures, numbers only, for ``dvc metrics``; ``*_passed``
+the tool exits 1 naming the failure (the exit codes of pipeline/stage.py). Outputs in
+``--out``/<arch>/ (default ``variants/<arch>/``, git-ignored): ``model.int8.onnx``, ``model.fp16.onnx``, ``quantize.json`` (gate figures, numbers only, for ``dvc metrics``; ``*_passed``
 is 1/0) and ``quantize-report.json`` (every figure, the recipe, the failure messages).
 
 ``--bench`` also measures FP32, FP32 saved after ORT's full graph optimization, INT8 and FP16 side by
@@ -36,7 +41,6 @@ import datetime as dt
 import hashlib
 import json
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -48,16 +52,23 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from service.contract import (INPUT_NAME, MODEL_FILE, OUTPUT_NAME, VARIANT_KEYS, cpu_session, missing_keys,
-                              normalize, read_metadata, run_logits, write_metadata)
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # `python bench/quantize.py` as well as `python -m bench.quantize`
+    sys.path.insert(0, str(REPO))
 
-from . import atomic
-from .download import load_prepared
-from .paths import PREPARED_DIR, export_dir
-from . import stage
-from .stage import StageError
+from pipeline import atomic, stage  # noqa: E402
+from pipeline.download import load_prepared  # noqa: E402
+from pipeline.paths import PREPARED_DIR, export_dir  # noqa: E402
+from pipeline.stage import StageError  # noqa: E402
+from service.contract import (INPUT_NAME, MODEL_FILE, OUTPUT_NAME, VARIANT_KEYS, cpu_session,  # noqa: E402
+                              missing_keys, normalize, read_metadata, run_logits, write_metadata)
+from tests import harness  # noqa: E402
 
-BENCH_DIR = Path("bench") / "results"
+BENCH_DIR = harness.REPO / "bench" / "results"
+#: where the variants go, one folder per architecture (not under exports/<arch>/, which the export
+#: stage owns and replaces whole)
+VARIANTS_DIR = Path("variants")
+DISTS = ("onnxruntime-gpu", "onnxruntime", "onnx", "onnxconverter-common", "numpy")
 VARIANT_FILES = {"int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
 
 
@@ -349,26 +360,12 @@ def benchmark(arch: str, fp32: bytes, outcome: Outcome, test_images: np.ndarray,
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    with suppress(OSError, StopIteration):
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+    """The harness' machine record plus the CPU's int8-relevant instruction sets."""
     flags = ""
     with suppress(OSError, StopIteration):
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f" {f}" in flags]
-    return {"cpu_model": cpu, "cpu_count": os.cpu_count(), "isa": isa, "platform": platform.platform(),
-            "loadavg": [round(v, 2) for v in os.getloadavg()]}
-
-
-def versions() -> dict:
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for dist in ("onnxruntime-gpu", "onnxruntime", "onnx", "onnxconverter-common", "numpy"):
-        with suppress(metadata.PackageNotFoundError):
-            out[dist] = metadata.version(dist)
-    return out
+    return {**harness.machine(), "isa": isa}
 
 
 def bench_markdown(result: dict) -> str:
@@ -376,7 +373,7 @@ def bench_markdown(result: dict) -> str:
     lines = [f"# Quantization benchmark ({result['started']})", "",
              f"- command: `{result['command']}`",
              f"- machine: {m['cpu_model']}, {m['cpu_count']} cores, ISA {', '.join(m['isa'])}; load average at start "
-             f"{m['loadavg']}, at end {result['loadavg_end']} (a shared machine: other jobs may have run)",
+             f"{m['loadavg_start']}, at end {result['loadavg_end']} (a shared machine: other jobs may have run)",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
              "- CPU execution provider only (no CUDA here): FP16 is meant for the CUDA provider; on CPU, ONNX Runtime "
              "inserts casts around ops without FP16 kernels, so its CPU figures are for completeness only.",
@@ -408,8 +405,8 @@ def bench_markdown(result: dict) -> str:
 # --- the stage -------------------------------------------------------------------------------------
 
 def run_arch(args: argparse.Namespace, arch: str, kinds: list[str], recipe: Int8Recipe, speed: list, gates: dict) -> int:
-    out_dir = export_dir(arch)
-    fp32_path = out_dir / MODEL_FILE
+    out_dir = args.out / arch
+    fp32_path = export_dir(arch) / MODEL_FILE
     if not fp32_path.is_file():
         raise QuantizeError(f"no FP32 model at {fp32_path}: run the export stage first (python -m pipeline.export --arch {arch})")
     try:
@@ -448,6 +445,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-per-channel", action="store_true")
     p.add_argument("--max-int8-drop", type=float, default=0.005, help="largest allowed test-accuracy drop (0.005 = 0.5 points)")
     p.add_argument("--min-fp16-agreement", type=float, default=0.999)
+    p.add_argument("--out", type=Path, default=VARIANTS_DIR, help="folder for <arch>/model.int8.onnx, ... (default variants/)")
     p.add_argument("--bench", action="store_true", help="also benchmark the variants, write bench/results/quantize-<date>.*")
     p.add_argument("--bench-threads", type=ints, default=[1, 2])
     p.add_argument("--bench-batches", type=ints, default=[1, 64])
@@ -480,10 +478,10 @@ def main(argv: list[str] | None = None) -> int:
         exe = Path(sys.executable)
         with suppress(ValueError):
             exe = exe.relative_to(Path.cwd())
-        result = {"benchmark": "quantize", "started": started, "command": shlex.join([str(exe), "-m", "pipeline.quantize",
+        result = {"benchmark": "quantize", "started": started, "command": shlex.join([str(exe), "-m", "bench.quantize",
                                                                                        *(argv if argv is not None else sys.argv[1:])]),
                   "machine": bench_machine, "loadavg_end": [round(v, 2) for v in os.getloadavg()],
-                  "versions": versions(), "recipe": recipe.describe(), "gates": gates, "speed": speed}
+                  "versions": harness.versions(DISTS), "recipe": recipe.describe(), "gates": gates, "speed": speed}
         stem = f"quantize-{dt.date.today().isoformat()}" + (f"-{args.bench_tag}" if args.bench_tag else "")
         atomic.write_json(BENCH_DIR / f"{stem}.json", result)
         report = bench_markdown(result)
