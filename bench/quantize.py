@@ -27,7 +27,8 @@ Every variant must also pass the service's own contract check (``service.engine.
 carry the FP32 model's ``metadata_props`` unchanged plus ``precision`` (``int8``/``fp16``) and
 ``quantization`` (the recipe, JSON). A variant that fails is not written (a stale copy is removed) and
 the tool exits 1 naming the failure (the exit codes of pipeline/stage.py). Outputs in
-``--out``/<arch>/ (default ``variants/<arch>/``, git-ignored): ``model.int8.onnx``, ``model.fp16.onnx``, ``quantize.json`` (gate figures, numbers only, for ``dvc metrics``; ``*_passed``
+``--out``/<arch>/ (default ``variants/<arch>/``, git-ignored): ``model.int8.onnx``, ``model.fp16.onnx``,
+``quantize.json`` (gate figures, numbers only; ``*_passed``
 is 1/0) and ``quantize-report.json`` (every figure, the recipe, the failure messages).
 
 ``--bench`` also measures FP32, FP32 saved after ORT's full graph optimization, INT8 and FP16 side by
@@ -73,7 +74,7 @@ VARIANT_FILES = {"int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
 
 
 class QuantizeError(StageError):
-    """The stage cannot run (missing inputs, a converter missing); the message says what to do."""
+    """The tool cannot run (missing inputs, a converter missing); the message says what to do."""
 
 
 # --- inputs ----------------------------------------------------------------------------------------
@@ -293,7 +294,7 @@ def write_outputs(out_dir: Path, outcome: Outcome, kinds: list[str], fp32: bytes
             atomic.write_bytes(path, outcome.variants[kind])
         else:
             path.unlink(missing_ok=True)  # never leave an older variant that no longer matches its FP32 model
-    summary: dict = {"fp32_size_bytes": len(fp32)}  # DVC metrics: numbers only (passed = 1/0)
+    summary: dict = {"fp32_size_bytes": len(fp32)}  # numbers only (passed = 1/0), for comparing runs
     for kind, report in outcome.reports.items():
         summary.setdefault("fp32_test_acc", report["fp32_test_acc"])
         for key in ("test_acc", "acc_drop", "top1_agreement", "max_abs_logit_diff", "size_bytes"):
@@ -402,7 +403,7 @@ def bench_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# --- the stage -------------------------------------------------------------------------------------
+# --- the tool --------------------------------------------------------------------------------------
 
 def run_arch(args: argparse.Namespace, arch: str, kinds: list[str], recipe: Int8Recipe, speed: list, gates: dict) -> int:
     out_dir = args.out / arch

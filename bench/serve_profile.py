@@ -18,7 +18,7 @@ CATEGORIES = [
     ("onnxruntime Session.run", ("onnxruntime_inference_collection", "OnnxClassifier.logits")),
     ("resize (PIL)", ("resize_image",)),
     ("decode (PIL open/verify/load/convert)", ("decode_image", "image_to_array")),
-    ("normalize (numpy)", ("normalize (service/preprocessing",)),
+    ("normalize (numpy)", ("normalize (service/contract",)),
     ("postprocess (softmax/top-k dicts)", ("service/postprocessing",)),
     ("multipart/body parsing", ("from_http_request", "formparsers", "multipart/", "_get_form")),
     ("micro-batcher", ("service/batcher.py",)),

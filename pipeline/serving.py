@@ -126,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     except ServingError as err:
         print(f"serving: error: {args.alias} of {args.model}: {err}", file=sys.stderr)
         return EXIT_UNSERVABLE
-    except (tracking.TrackingError, TimeoutError) as err:
+    except (tracking.TrackingError, OSError) as err:  # OSError: a lock timeout, an artifact moved, a full disk
         print(f"serving: error: {args.alias} of {args.model}: {err}", file=sys.stderr)
-        return EXIT_STORE
+        return EXIT_STORE  # the follower asks again at its next poll; exit 2 would refuse the version for good
     print(f"serving: {args.alias} v{entry['registry_version']} -> BentoML model {entry['tag']}"
           f"{' (already stored)' if entry['reused'] else ''}")
     return 0

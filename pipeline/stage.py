@@ -7,7 +7,7 @@ Exit codes (the README's table):
 1     a gate refused the result (export's parity gate, quantize's accuracy gates); nothing written
 2     bad input the message names: params.yaml, a missing upstream output, a version that cannot be
       served, a bad command-line value
-3     a store is unusable: MLflow down, unreachable or moved, or a lock (the registry's, the BentoML
+3     a store is unusable: MLflow down, unreachable (a failed connection) or moved, or a lock (the registry's, the BentoML
       store's) still held after its timeout; retry once it is back; the stage's outputs are as before
 4     the file system refused a write (disk full, file too large, permissions); outputs as before
 ====  ============================================================================================
@@ -44,4 +44,9 @@ def run(stage: str, main: Callable[[list[str] | None], int], argv: list[str] | N
         return EXIT_INPUT
     except OSError as err:  # outputs are written atomically (pipeline.atomic): nothing half-written stays
         print(f"{stage}: error: {err}", file=sys.stderr)
-        return EXIT_OS
+        return EXIT_STORE if _is_network(err) else EXIT_OS
+
+
+def _is_network(err: OSError) -> bool:
+    """A connection failure (requests' and urllib3's errors are OSErrors too): a store problem, not the disk's."""
+    return isinstance(err, ConnectionError) or type(err).__module__.split(".")[0] in ("requests", "urllib3", "http")

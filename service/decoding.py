@@ -32,7 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence, TypeVar
 
-from service.preprocessing import ImageError, ImageHeader, PreprocessSpec, draft_side, pixel_limit, read_header
+from service.contract import PreprocessSpec
+from service.preprocessing import ImageError, ImageHeader, draft_side, pixel_limit, read_header
 
 T = TypeVar("T")
 

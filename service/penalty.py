@@ -1,43 +1,57 @@
-"""A penalty box for clients whose requests keep being refused.
+"""A penalty box for client addresses whose requests keep being refused.
 
 Refusing a crafted request is cheap but not free: ~1-3 ms of CPU through the Python HTTP stack
 (uvicorn, BentoML's metrics, access-log, timeout and concurrency layers, ours). A client that sends
 bombs back to back on many connections turns those milliseconds into a saturated worker, and the
-loop then serves everyone in arrival order: ordinary p99 went 10.5 -> 73 ms (bench/abuse.py, flood).
+loop then serves everyone in arrival order: ordinary p99 went 9 -> 63 ms (bench/abuse.py, flood).
 The answer nginx (``limit_req ... delay``) and fail2ban give is the one used here: slow the client
 down, not the service.
 
 Policy (per worker; ``RefusalPenalty``, a GCRA "virtual scheduling" meter per client address):
 
 - every answer in 400-499 except 429 (a full worker is not the client's fault), and every request
-  whose client left before it was answered, costs its client one refusal;
-- a client may have ``burst`` refusals outstanding, and they drain at ``rate`` per second: within
+  whose client left before it was answered, costs its address one refusal; a normal answer costs
+  nothing;
+- an address may have ``burst`` refusals outstanding, and they drain at ``rate`` per second: within
   that, nothing changes (a user correcting a bad upload never notices);
-- beyond it, each of that client's new requests waits ``(debt - burst) / rate`` seconds, at most
-  ``max_delay_s``, *before* the application sees it. The wait holds no concurrency slot and reads no
-  body, so a flooding client's connections do at most one request per ``max_delay_s`` each, and its
-  refusals stop costing the worker CPU;
-- requests that are answered normally cost nothing, so a penalised address's good requests are only
-  slowed, never refused, and other addresses are untouched;
-- probe and metrics paths (``exempt``) are never delayed.
+- beyond it the address waits ``(debt - burst) / rate`` seconds, at most ``max_delay_s``:
+  - its **refusals are answered late** (the answer is held after the application is done with it,
+    outside BentoML's concurrency limit), so a client that waits for its answers, on however many
+    connections, gets at most one refusal per connection every ``max_delay_s``;
+  - an address with **no normal answer in the last** ``GRACE_S`` (an abuser, not a proxy or NAT
+    shared with real users) also has its new requests held **before** they are read, so a client
+    that does not wait for answers (fire and close) is slowed too, and at most ``max_held`` of its
+    requests wait at once; more get 429 with ``Retry-After`` and ``Connection: close`` at once,
+    without reaching the application;
+- an address that also gets normal answers (many users behind one proxy) never has a good request
+  delayed: only its refusals come late;
+- probe and metrics paths (``exempt``) are neither counted nor delayed.
 
-The client address is ASGI's ``scope["client"]``: uvicorn rewrites it from ``X-Forwarded-For`` for
-proxies listed in ``FORWARDED_ALLOW_IPS`` (default 127.0.0.1), so behind an ingress on another host
-set that, or every client shares the ingress's address. At most ``max_clients`` addresses are
-tracked (oldest forgotten first): memory is bounded whatever the number of addresses.
+The address is ASGI's ``scope["client"]``, an IPv6 client's /64 (one subscriber's whole prefix):
+uvicorn rewrites it from ``X-Forwarded-For`` for the proxies listed in ``FORWARDED_ALLOW_IPS``
+(default ``127.0.0.1,::1``), so behind an ingress on another host list it there. At most ``max_clients``
+addresses are tracked (oldest forgotten first): memory is bounded whatever the number of addresses.
 """
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import math
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Collection, Optional
+
+from .limits import json_error_body
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
 
-__all__ = ["PenaltyBoxMiddleware", "RefusalPenalty", "is_refusal"]
+__all__ = ["GRACE_S", "PenaltyBoxMiddleware", "RefusalPenalty", "client_key", "is_refusal"]
+
+#: seconds a normal answer vouches for an address: it is not held back before its requests are read
+GRACE_S = 10.0
 
 
 def is_refusal(status: Optional[int]) -> bool:
@@ -45,41 +59,87 @@ def is_refusal(status: Optional[int]) -> bool:
     return status is None or (400 <= status < 500 and status != 429)
 
 
+def client_key(host: str) -> str:
+    """The address a client is counted under: IPv4 as is, IPv6 by its /64."""
+    if ":" not in host:
+        return host
+    try:
+        return str(ipaddress.ip_network(f"{host}/64", strict=False))
+    except ValueError:
+        return host
+
+
+@dataclass
+class _Address:
+    due: float = 0.0  # when its refusals have drained (GCRA's theoretical arrival time)
+    answered: float = -math.inf  # when it last got a normal answer
+    held: int = 0  # its requests waiting before they are read, now
+
+
 class RefusalPenalty:
-    """Per-address refusal meter. ``delay(addr)``: seconds a new request waits; ``refused(addr)``: count one."""
+    """Per-address refusal meter: ``late(addr)`` and ``hold(addr)`` say how long to wait, ``refused``
+    and ``answered`` record outcomes."""
 
     def __init__(self, rate: float, burst: int, max_delay_s: float, max_clients: int = 65536,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 max_held: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.interval = 1.0 / rate  # seconds one refusal takes to drain
         self.tolerance = burst * self.interval  # debt (seconds) allowed before any delay
         self.max_delay_s = float(max_delay_s)
         self.max_clients = int(max_clients)
+        self.max_held = int(max_held if max_held is not None else max(1, burst))
         self.clock = clock
-        self._due: OrderedDict[str, float] = OrderedDict()  # addr -> time its debt has drained (GCRA's TAT)
+        self._addresses: OrderedDict[str, _Address] = OrderedDict()
 
-    def _debt(self, addr: str, now: float) -> float:
-        due = self._due.get(addr)
-        if due is None or due <= now:
-            self._due.pop(addr, None)  # drained: forget the address
+    def _entry(self, addr: str) -> _Address:
+        entry = self._addresses.get(addr)
+        if entry is None:
+            entry = self._addresses[addr] = _Address()
+            while len(self._addresses) > self.max_clients:
+                self._addresses.popitem(last=False)
+        self._addresses.move_to_end(addr)
+        return entry
+
+    def late(self, addr: str) -> float:
+        """Seconds a refusal for ``addr`` is held before it is answered (0 within the burst)."""
+        entry = self._addresses.get(addr)
+        if entry is None:
             return 0.0
-        return due - now
-
-    def delay(self, addr: str) -> float:
-        wait = self._debt(addr, self.clock()) - self.tolerance
+        wait = entry.due - self.clock() - self.tolerance
         return min(self.max_delay_s, wait) if wait > 1e-3 else 0.0  # under a ms: float noise, not a penalty
+
+    def hold(self, addr: str) -> float:
+        """Seconds a new request from ``addr`` waits before it is read: only for an address in debt
+        that got no normal answer for GRACE_S."""
+        entry = self._addresses.get(addr)
+        if entry is None or self.clock() - entry.answered < GRACE_S:
+            return 0.0
+        return self.late(addr)
 
     def refused(self, addr: str) -> None:
         now = self.clock()
+        entry = self._entry(addr)
         # the debt never grows past what the longest delay can work off: a client that stops
-        # flooding is back to normal within tolerance + max_delay_s seconds
-        debt = min(self._debt(addr, now) + self.interval, self.tolerance + self.max_delay_s + self.interval)
-        self._due[addr] = now + debt
-        self._due.move_to_end(addr)
-        while len(self._due) > self.max_clients:
-            self._due.popitem(last=False)
+        # refusing is back to normal within tolerance + max_delay_s seconds
+        debt = min(max(entry.due - now, 0.0) + self.interval, self.tolerance + self.max_delay_s + self.interval)
+        entry.due = now + debt
+
+    def answered(self, addr: str) -> None:
+        self._entry(addr).answered = self.clock()
+
+    def held(self, addr: str, change: int) -> int:
+        """Count a request entering (+1) or leaving (-1) the wait before it is read; the new count."""
+        entry = self._entry(addr)
+        entry.held += change
+        return entry.held
+
+    def forget_drained(self) -> None:
+        now = self.clock()
+        for addr in [a for a, e in self._addresses.items()
+                     if e.due <= now and not e.held and now - e.answered >= GRACE_S]:
+            del self._addresses[addr]
 
     def __len__(self) -> int:
-        return len(self._due)
+        return len(self._addresses)
 
 
 class PenaltyBoxMiddleware:
@@ -90,32 +150,76 @@ class PenaltyBoxMiddleware:
         self.app = app
         self.penalty = penalty
         self.exempt = frozenset(exempt)
-        self.on_delay = on_delay
+        self.on_delay = on_delay or (lambda seconds: None)
+        self._seen = 0
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         client = scope.get("client")
         if scope["type"] != "http" or not client or scope.get("path") in self.exempt:
             await self.app(scope, receive, send)
             return
-        addr = str(client[0])
-        wait = self.penalty.delay(addr)
-        if wait > 0:
-            if self.on_delay is not None:
-                self.on_delay(wait)
-            await asyncio.sleep(wait)
-        status: list[int] = []
+        addr = client_key(str(client[0]))
+        wait = self.penalty.hold(addr)
+        if wait > 0 and not await self._hold(addr, wait, send):
+            return
+        try:
+            status = await self._answer(addr, scope, receive, send, may_answer_late=wait <= 0)
+        except asyncio.CancelledError:  # its client left (a server error, any other exception, is not counted)
+            self.penalty.refused(addr)
+            raise
+        if is_refusal(status):
+            self.penalty.refused(addr)
+        elif status is not None and status < 400:
+            self.penalty.answered(addr)
+        self._seen += 1
+        if self._seen % 4096 == 0:  # drained, quiet addresses go: the table holds those in debt or vouched for
+            self.penalty.forget_drained()
 
-        async def send_noting_status(message: Message) -> None:
+    async def _hold(self, addr: str, wait: float, send: Any) -> bool:
+        """Wait before the request is read; False when too many of the address' requests wait
+        already (then it got its 429 here)."""
+        try:
+            if self.penalty.held(addr, +1) > self.penalty.max_held:
+                body = json_error_body(429, "too many requests from this address are held back after refusals; "
+                                       "retry later", "penalty_box", retry_after_s=math.ceil(wait))
+                await _reply(send, 429, body, [(b"retry-after", str(math.ceil(wait)).encode()),
+                                               (b"connection", b"close")])
+                return False
+            self.on_delay(wait)
+            await asyncio.sleep(wait)
+            return True
+        finally:
+            self.penalty.held(addr, -1)
+
+    async def _answer(self, addr: str, scope: Scope, receive: Any, send: Any, may_answer_late: bool) -> Optional[int]:
+        """Run the application; a refusal past the burst is held back ``late(addr)`` seconds before
+        it goes out (its messages are buffered meanwhile). The status sent, None if none was."""
+        status: list[int] = []
+        held: list[Message] = []
+
+        async def send_maybe_late(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status.append(int(message["status"]))
+                if may_answer_late and is_refusal(status[0]) and self.penalty.late(addr) > 0:
+                    held.append(message)
+                    return
+            if held:
+                held.append(message)
+                return
             await send(message)
 
-        failed = False
-        try:
-            await self.app(scope, receive, send_noting_status)
-        except Exception:  # a server error is not the client's doing (a cancellation, its leaving, is)
-            failed = not status
-            raise
-        finally:
-            if not failed and is_refusal(status[0] if status else None):
-                self.penalty.refused(addr)
+        await self.app(scope, receive, send_maybe_late)
+        if held:
+            wait = self.penalty.late(addr)
+            self.on_delay(wait)
+            await asyncio.sleep(wait)
+            for message in held:
+                await send(message)
+        return status[0] if status else None
+
+
+async def _reply(send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -7,7 +7,7 @@ import numpy as np
 
 from .contract import softmax
 
-__all__ = ["softmax", "predictions"]
+__all__ = ["predictions"]
 
 
 def predictions(logits: np.ndarray, classes: Sequence[str], k: int) -> list[dict]:

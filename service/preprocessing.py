@@ -1,8 +1,9 @@
 """Image preprocessing shared by serving and training: numpy + Pillow only.
 
-This module is the single definition of the pixels a model sees (see docs/model-contract.md). The
-service uses it for every request; the pipeline uses it to build ImageFolder datasets and in parity
-tests. It must stay importable without bentoml, onnxruntime or torch.
+This module is the single definition of the decoding from bytes to the uint8 pixels a model sees;
+the last step, :func:`normalize`, is the model contract's (``service.contract``, re-exported here;
+see docs/model-contract.md). The service uses it for every request; the pipeline uses it to build
+ImageFolder datasets and in parity tests. It must stay importable without bentoml, onnxruntime or torch.
 
 The steps, each a pure function:
 
@@ -42,6 +43,7 @@ __all__ = [
     "ImageError",
     "PreprocessSpec",
     "decode_image",
+    "draft_side",
     "image_to_array",
     "normalize",
     "pixel_limit",

@@ -61,7 +61,7 @@ from service.follower import AliasFollower, Unservable
 from service.limits import (CancelOnDisconnectMiddleware, ConnectionRecycleMiddleware, JsonErrorsMiddleware,
                             error_response,
                             RequestSizeLimitMiddleware)
-from service.contract import MODEL_FILE
+from service.contract import MODEL_FILE, PreprocessSpec, normalize
 from service.model_source import (REGISTRY_KEYS, NoModelForAlias, Selection, pointer_file,
                                   read_pointers, select_model)
 from service.patches import (check_bentoml_version, mark_metrics_process_dead, patch_access_log,
@@ -69,7 +69,7 @@ from service.patches import (check_bentoml_version, mark_metrics_process_dead, p
                              patch_outermost_middleware, patch_timeout_middleware)
 from service.penalty import PenaltyBoxMiddleware, RefusalPenalty
 from service.postprocessing import predictions
-from service.preprocessing import ImageError, PreprocessSpec, image_to_array, normalize
+from service.preprocessing import ImageError, image_to_array
 from service.shadow import Shadow
 from service.ui import ServerTimingMiddleware, ui_routes
 

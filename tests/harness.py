@@ -256,8 +256,9 @@ def _fit_tiny_cnn(torch, mnist: Mnist, n_train: int):
         nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(16 * 7 * 7, 10),
     )
-    x = torch.from_numpy(mnist.train_images[:n_train].copy()).float().div(255.0)
-    x = ((x - MNIST_MEAN) / MNIST_STD).unsqueeze(1)
+    from service.contract import normalize
+
+    x = torch.from_numpy(normalize(mnist.train_images[:n_train, None], [MNIST_MEAN], [MNIST_STD]))
     y = torch.from_numpy(mnist.train_labels[:n_train].copy())
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()

@@ -615,11 +615,9 @@ STAGES_AND_OUTPUTS = [  # (stage, the exit code for an unusable store, what must
 @pytest.mark.slow
 @pytest.mark.integration
 def test_an_unreachable_tracking_server_fails_each_stage_fast_and_changes_no_output(clone, tmp_path):
-    import socket
+    from tests.harness import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        unreachable = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once closed
+    unreachable = f"http://127.0.0.1:{free_port()}"  # nothing listens there once the probe socket closed
     env = {**stage_env(clone, tmp_path / "bentoml"), "MLFLOW_TRACKING_URI": unreachable}
     timings = {}
     for args, code, output in STAGES_AND_OUTPUTS:

@@ -166,7 +166,8 @@ def test_stage_entry_points_turn_an_unusable_store_into_exit_3(capsys):
 @pytest.mark.parametrize("error, code", [
     ("pipeline.params:ParamsError", 2), ("pipeline.download:DownloadError", 2), ("pipeline.promote:PromotionError", 2),
     ("pipeline.serving:ServingError", 2), ("bench.quantize:QuantizeError", 2), ("builtins:FileNotFoundError", 2),
-    ("pipeline.tracking:RegistryBusy", 3), ("builtins:TimeoutError", 3), ("builtins:OSError", 4),
+    ("pipeline.tracking:RegistryBusy", 3), ("builtins:TimeoutError", 3), ("builtins:ConnectionRefusedError", 3),
+    ("requests.exceptions:ConnectionError", 3), ("builtins:OSError", 4),
 ])
 def test_every_stage_error_has_its_exit_code_and_one_line(capsys, error, code):
     """The README's exit-code table (pipeline/stage.py): every stage module's error class is one row."""
@@ -217,3 +218,20 @@ def test_a_store_moved_while_serving_reads_it_is_a_store_error_not_no_alias(tmp_
     db.unlink()
     with pytest.raises(tracking.TrackingError, match="no such file"):
         tracking.require_store()
+
+
+@pytest.mark.parametrize("error, code", [(FileNotFoundError("artifact moved"), 3), (TimeoutError("lock"), 3),
+                                         (OSError(28, "No space left on device"), 3)])
+def test_serving_retries_on_file_errors_and_refuses_only_unservable_versions(monkeypatch, capsys, error, code):
+    """The follower refuses a version for good on exit 2: a file that went missing while syncing is
+    a retry (3), not a verdict on the version."""
+    from pipeline import serving, tracking
+
+    def sync(name, alias):
+        raise error
+
+    monkeypatch.setattr(tracking, "check_reachable", lambda: None)
+    monkeypatch.setattr(serving, "sync_alias", sync)
+    assert serving.main([]) == code
+    monkeypatch.setattr(serving, "sync_alias", lambda name, alias: (_ for _ in ()).throw(serving.ServingError("bad")))
+    assert serving.main([]) == 2

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import free_port
 from tests.stages import run_stage, stage_env, write_params
 
 PG_BIN = Path("/usr/lib/postgresql")
@@ -31,12 +31,6 @@ def pg_tool(name: str) -> str | None:
         return found
     candidates = sorted(PG_BIN.glob(f"*/bin/{name}"))
     return str(candidates[-1]) if candidates else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def as_postgres(cmd: list[str]) -> list[str]:

@@ -13,7 +13,7 @@ from PIL import Image
 import svc_images
 from svc_support import SERVER_ENV
 from service.engine import OnnxClassifier
-from service.postprocessing import softmax
+from service.contract import softmax
 from service.preprocessing import preprocess_batch
 from svc_support import cuda_usable, requires_gpu
 

@@ -11,7 +11,8 @@ import pytest
 from service.config import ENV_VARS, ServiceConfig
 from tests.harness import REPO
 from service.limits import ConnectionRecycleMiddleware, RequestSizeLimitMiddleware
-from service.postprocessing import predictions, softmax
+from service.contract import softmax
+from service.postprocessing import predictions
 
 
 # --- postprocessing --------------------------------------------------------------------------------
