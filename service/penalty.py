@@ -20,7 +20,7 @@ Policy (per worker; ``RefusalPenalty``, a GCRA "virtual scheduling" meter per cl
     connections, gets at most one refusal per connection every ``max_delay_s``;
   - an address with **no normal answer in the last** ``GRACE_S`` (an abuser, not a proxy or NAT
     shared with real users) also has its new requests held **before** they are read, so a client
-    that does not wait for answers (fire and close) is slowed too, and at most ``max_held`` of its
+    that does not wait for answers (fire and close) is slowed too, and at most ``MAX_HELD`` of its
     requests wait at once; more get 429 with ``Retry-After`` and ``Connection: close`` at once,
     without reaching the application;
 - an address that also gets normal answers (many users behind one proxy) never has a good request
@@ -52,6 +52,11 @@ __all__ = ["GRACE_S", "PenaltyBoxMiddleware", "RefusalPenalty", "client_key", "i
 
 #: seconds a normal answer vouches for an address: it is not held back before its requests are read
 GRACE_S = 10.0
+#: most requests of one address held before they are read, per worker: each holds a connection and
+#: up to uvicorn's 64 KB read buffer (256 -> at most 16 MB). Past it the answer is an immediate 429,
+#: which a client that retries at once turns into a busy loop: high enough that only a client with
+#: hundreds of connections from one address reaches it
+MAX_HELD = 256
 
 
 def is_refusal(status: Optional[int]) -> bool:
@@ -86,7 +91,7 @@ class RefusalPenalty:
         self.tolerance = burst * self.interval  # debt (seconds) allowed before any delay
         self.max_delay_s = float(max_delay_s)
         self.max_clients = int(max_clients)
-        self.max_held = int(max_held if max_held is not None else max(1, burst))
+        self.max_held = int(max_held if max_held is not None else MAX_HELD)
         self.clock = clock
         self._addresses: OrderedDict[str, _Address] = OrderedDict()
 
