@@ -18,13 +18,14 @@ Policy (per worker; ``RefusalPenalty``, a GCRA "virtual scheduling" meter per cl
   - its **refusals are answered late** (the answer is held after the application is done with it,
     outside BentoML's concurrency limit), so a client that waits for its answers, on however many
     connections, gets at most one refusal per connection every ``max_delay_s``;
-  - an address with **no normal answer in the last** ``GRACE_S`` (an abuser, not a proxy or NAT
-    shared with real users) also has its new requests held **before** they are read, so a client
+  - an address whose recent refusals outnumber its normal answers (both counted with a decay of
+    ``GRACE_S``: an abuser, not a proxy or NAT shared with real users; an abuser that mixes in a few
+    valid requests is still one) also has its new requests held **before** they are read, so a client
     that does not wait for answers (fire and close) is slowed too, and at most ``MAX_HELD`` of its
     requests wait at once; more get 429 with ``Retry-After`` and ``Connection: close`` at once,
     without reaching the application;
-- an address that also gets normal answers (many users behind one proxy) never has a good request
-  delayed: only its refusals come late;
+- an address that gets at least as many normal answers as refusals (many users behind one proxy)
+  never has a good request delayed: only its refusals come late;
 - probe and metrics paths (``exempt``) are neither counted nor delayed.
 
 The address is ASGI's ``scope["client"]``, an IPv6 client's /64 (one subscriber's whole prefix):
@@ -50,7 +51,8 @@ ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message],
 
 __all__ = ["GRACE_S", "PenaltyBoxMiddleware", "RefusalPenalty", "client_key", "is_refusal"]
 
-#: seconds a normal answer vouches for an address: it is not held back before its requests are read
+#: seconds over which an address' normal answers and refusals are weighed (exponential decay): while
+#: the answers are at least as many, its requests are not held back before they are read
 GRACE_S = 10.0
 #: most requests of one address held before they are read, per worker: each holds a connection and
 #: up to uvicorn's 64 KB read buffer (256 -> at most 16 MB). Past it the answer is an immediate 429,
@@ -77,8 +79,14 @@ def client_key(host: str) -> str:
 @dataclass
 class _Address:
     due: float = 0.0  # when its refusals have drained (GCRA's theoretical arrival time)
-    answered: float = -math.inf  # when it last got a normal answer
+    answers: float = 0.0  # normal answers, decayed to `seen`
+    refusals: float = 0.0  # refusals, decayed to `seen`
+    seen: float = 0.0  # when the two counts were last brought up to date
     held: int = 0  # its requests waiting before they are read, now
+
+    def decay(self, now: float) -> None:
+        factor = math.exp(-(now - self.seen) / GRACE_S)
+        self.answers, self.refusals, self.seen = self.answers * factor, self.refusals * factor, now
 
 
 class RefusalPenalty:
@@ -114,22 +122,27 @@ class RefusalPenalty:
 
     def hold(self, addr: str) -> float:
         """Seconds a new request from ``addr`` waits before it is read: only for an address in debt
-        that got no normal answer for GRACE_S."""
+        whose recent refusals outnumber its normal answers."""
         entry = self._addresses.get(addr)
-        if entry is None or self.clock() - entry.answered < GRACE_S:
+        if entry is None:
             return 0.0
-        return self.late(addr)
+        entry.decay(self.clock())
+        return self.late(addr) if entry.refusals > entry.answers else 0.0
 
     def refused(self, addr: str) -> None:
         now = self.clock()
         entry = self._entry(addr)
+        entry.decay(now)
+        entry.refusals += 1
         # the debt never grows past what the longest delay can work off: a client that stops
         # refusing is back to normal within tolerance + max_delay_s seconds
         debt = min(max(entry.due - now, 0.0) + self.interval, self.tolerance + self.max_delay_s + self.interval)
         entry.due = now + debt
 
     def answered(self, addr: str) -> None:
-        self._entry(addr).answered = self.clock()
+        entry = self._entry(addr)
+        entry.decay(self.clock())
+        entry.answers += 1
 
     def held(self, addr: str, change: int) -> int:
         """Count a request entering (+1) or leaving (-1) the wait before it is read; the new count."""
@@ -140,7 +153,7 @@ class RefusalPenalty:
     def forget_drained(self) -> None:
         now = self.clock()
         for addr in [a for a, e in self._addresses.items()
-                     if e.due <= now and not e.held and now - e.answered >= GRACE_S]:
+                     if e.due <= now and not e.held and now - e.seen >= 5 * GRACE_S]:  # counts decayed to <1 %
             del self._addresses[addr]
 
     def __len__(self) -> int:

@@ -351,15 +351,15 @@ def timed(call) -> tuple[int, float]:
 def test_a_flooding_address_is_held_back_and_others_are_not(tiny_onnx_model, tmp_path):
     """Before the penalty box: the 8 flooding connections of 127.0.0.3 got ~1,000 refusals answered
     in 4 s, each costing the worker CPU; with it (5/s, burst 5, max 1 s): at most ~5 + 5x4 + 8x5.
-    127.0.0.4 floods too but also gets normal answers (users behind one proxy): its refusals come
-    late, its good requests do not wait."""
+    127.0.0.4 floods on 2 connections but gets more normal answers (users behind one proxy): its
+    refusals come late, its good requests do not wait."""
     home = tmp_path / "bentoml"
     tag = store_test_model(tiny_onnx_model, home)
     with serve(home, tmp_path / "serve.log", tag, BOX_ENV) as srv:
         classify = lambda client: client.post(f"{srv.url}/classify", files=[("images", ("a.png", PNG))])  # noqa: E731
         stop, answers, mixed_answers = threading.Event(), [], []
         threads = [threading.Thread(target=flood, args=(srv.url, "127.0.0.3", stop, answers)) for _ in range(8)]
-        threads += [threading.Thread(target=flood, args=(srv.url, "127.0.0.4", stop, mixed_answers)) for _ in range(4)]
+        threads += [threading.Thread(target=flood, args=(srv.url, "127.0.0.4", stop, mixed_answers)) for _ in range(2)]
         ordinary, probes, mixed_good = [], [], []
         with client_at("127.0.0.2") as good, client_at("127.0.0.3") as same, client_at("127.0.0.4") as mixed:
             mixed_good.append(timed(lambda: classify(mixed)))  # vouches for 127.0.0.4 before its flood
@@ -379,7 +379,7 @@ def test_a_flooding_address_is_held_back_and_others_are_not(tiny_onnx_model, tmp
             freed = timed(lambda: classify(same))
         metrics = httpx.get(f"{srv.url}/metrics", timeout=10).text
     assert set(answers) == {400} and len(answers) <= 5 + 5 * 4 + 8 * 5, len(answers)
-    assert set(mixed_answers) == {400} and len(mixed_answers) <= 5 + 5 * 4 + 4 * 5, len(mixed_answers)
+    assert set(mixed_answers) == {400} and len(mixed_answers) <= 5 + 5 * 4 + 2 * 5, len(mixed_answers)
     for name, calls in (("ordinary", ordinary), ("probes", probes), ("mixed address, good", mixed_good)):
         assert {s for s, _ in calls} == {200} and max(t for _, t in calls) < 0.5, (name, calls)
     assert held[0] == 200 and held[1] >= 0.5, held  # the pure abuser: slowed, never refused
