@@ -3,7 +3,7 @@
 Refusing a crafted request is cheap but not free: ~1-3 ms of CPU through the Python HTTP stack
 (uvicorn, BentoML's metrics, access-log, timeout and concurrency layers, ours). A client that sends
 bombs back to back on many connections turns those milliseconds into a saturated worker, and the
-loop then serves everyone in arrival order: ordinary p99 went 9 -> 63 ms (bench/abuse.py, flood).
+loop then serves everyone in arrival order: ordinary p99 went 8 -> 64 ms (bench/abuse.py, flood; 22 ms with the box).
 The answer nginx (``limit_req ... delay``) and fail2ban give is the one used here: slow the client
 down, not the service.
 
