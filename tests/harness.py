@@ -50,9 +50,12 @@ class MissingData(FileNotFoundError):
 
 
 def mirror_path() -> Path:
-    """The offline data folder: $DATA_MIRROR when set, else ../shared/data beside the checkout."""
-    value = os.environ.get("DATA_MIRROR", "").strip()
-    return Path(value).expanduser().resolve() if value else (REPO.parent / "shared" / "data").resolve()
+    """The offline data folder: $DATA_MIRROR when set (read by the pipeline's own ``data_mirror``,
+    the one reader of the variable), else ../shared/data beside the checkout."""
+    from pipeline.paths import data_mirror
+
+    mirror = data_mirror()
+    return mirror.resolve() if mirror is not None else (REPO.parent / "shared" / "data").resolve()
 
 
 def mnist_dir() -> Path:
