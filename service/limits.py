@@ -21,13 +21,22 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 __all__ = ["CancelOnDisconnectMiddleware", "ConnectionRecycleMiddleware", "JsonErrorsMiddleware",
-           "RequestSizeLimitMiddleware", "error_response", "json_error_body"]
+           "RequestSizeLimitMiddleware", "error_response", "json_error_body", "send_json"]
 
 
 def json_error_body(status: int, error: str, reason: str, **extra: Any) -> bytes:
     """The API's one error shape, ``{"error", "reason", "status", ...extra}``, as compact JSON: every
     error answer of the service, its middleware and its BentoML patches is built here."""
     return json.dumps({"error": error, "reason": reason, "status": status, **extra}, separators=(",", ":")).encode()
+
+
+async def send_json(send: Send, status: int, body: bytes, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    """A whole JSON response (``json_error_body``'s bytes) sent straight through ASGI, for the
+    middleware that answers without reaching the application."""
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def error_response(status: int, error: str, reason: str, headers: dict | None = None, **extra: Any) -> Any:
@@ -64,16 +73,7 @@ class RequestSizeLimitMiddleware:
         self.min_rate = float(min_rate)
 
     async def _reply(self, send: Send, status: int, body: bytes) -> None:
-        await send({
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        })
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+        await send_json(send, status, body, ((b"connection", b"close"),))
 
     def _too_large(self, length: int | None = None) -> bytes:
         detail = f"request body of {length} bytes" if length is not None else "request body"

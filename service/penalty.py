@@ -43,7 +43,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Collection, Optional
 
-from .limits import json_error_body
+from .limits import json_error_body, send_json
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -200,8 +200,8 @@ class PenaltyBoxMiddleware:
             if self.penalty.held(addr, +1) > self.penalty.max_held:
                 body = json_error_body(429, "too many requests from this address are held back after refusals; "
                                        "retry later", "penalty_box", retry_after_s=math.ceil(wait))
-                await _reply(send, 429, body, [(b"retry-after", str(math.ceil(wait)).encode()),
-                                               (b"connection", b"close")])
+                await send_json(send, 429, body, ((b"retry-after", str(math.ceil(wait)).encode()),
+                                                  (b"connection", b"close")))
                 return False
             self.on_delay(wait)
             await asyncio.sleep(wait)
@@ -234,10 +234,3 @@ class PenaltyBoxMiddleware:
             for message in held:
                 await send(message)
         return status[0] if status else None
-
-
-async def _reply(send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *headers]})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
