@@ -23,11 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic
-from . import stage
-from .stage import StageError
+from . import atomic, stage
 from .params import DataParams, load_params
 from .paths import PREPARED_DIR, RAW_DIR, data_mirror
+from .stage import StageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 

@@ -26,6 +26,7 @@ from .download import load_card, load_prepared
 from .modelfile import predict_logits, trained_model_args
 from .paths import PREPARED_DIR, arch_dir, export_dir
 
+
 def export_onnx(model: torch.nn.Module, meta: dict, opset: int) -> onnx.ModelProto:
     """Trace to ONNX (dynamic batch axis), check it, infer shapes and embed the metadata."""
     sample = torch.zeros(2, meta["in_channels"], meta["image_size"], meta["image_size"])

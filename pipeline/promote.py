@@ -38,8 +38,8 @@ from . import atomic, stage, tracking
 from .download import load_card, load_prepared
 from .params import PromoteParams, load_params
 from .paths import PREPARED_DIR, RELEASE_DIR, arch_dir, experiments_may_promote, export_dir, isolated_experiment
-from .stage import StageError
 from .serving import CHALLENGER, CHAMPION, utc_now as _now
+from .stage import StageError
 
 
 class PromotionError(StageError):

@@ -27,8 +27,7 @@ import numpy as np
 
 from service.contract import MODEL_FILE
 
-from . import bento_store, tracking
-from . import stage
+from . import bento_store, stage, tracking
 from .stage import StageError
 
 CHAMPION, CHALLENGER = "champion", "challenger"

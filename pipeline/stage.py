@@ -7,8 +7,9 @@ Exit codes (the README's table):
 1     a gate refused the result (export's parity gate, quantize's accuracy gates); nothing written
 2     bad input the message names: params.yaml, a missing upstream output, a version that cannot be
       served, a bad command-line value
-3     a store is unusable: MLflow down, unreachable (a failed connection) or moved, or a lock (the registry's, the BentoML
-      store's) still held after its timeout; retry once it is back; the stage's outputs are as before
+3     a store is unusable: MLflow down, unreachable (a failed connection) or moved, or a lock (the
+      registry's, the BentoML store's) still held after its timeout; retry once it is back; the
+      stage's outputs are as before
 4     the file system refused a write (disk full, file too large, permissions); outputs as before
 ====  ============================================================================================
 

@@ -54,14 +54,13 @@ import bentoml
 from service.batcher import MicroBatcher, Overloaded
 from service.bodies import BadValue, load_json, quote, top_k_value
 from service.config import ServiceConfig
+from service.contract import MODEL_FILE, PreprocessSpec, normalize
 from service.decoding import (INLINE_BYTES, INLINE_PIXELS, DecodeBudget, DecodeBusy, DecodePool, canvas_pixels,
                               decode_cost)
 from service.engine import OnnxClassifier
 from service.follower import AliasFollower, Unservable
 from service.limits import (CancelOnDisconnectMiddleware, ConnectionRecycleMiddleware, JsonErrorsMiddleware,
-                            error_response,
-                            RequestSizeLimitMiddleware)
-from service.contract import MODEL_FILE, PreprocessSpec, normalize
+                            RequestSizeLimitMiddleware, error_response)
 from service.model_source import (REGISTRY_KEYS, NoModelForAlias, Selection, pointer_file,
                                   read_pointers, select_model)
 from service.patches import (check_bentoml_version, mark_metrics_process_dead, patch_access_log,
