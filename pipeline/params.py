@@ -17,6 +17,9 @@ import yaml
 from .stage import StageError
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "imagefolder")
+#: how each dataset's images become model inputs (service/input_transform.py, docs/model-contract.md):
+#: digits by MNIST's recipe, photos keep their aspect ratio; FashionMNIST's 28x28 items as they are
+DEFAULT_INPUT_TRANSFORMS = {"mnist": "digit", "fashion_mnist": "resize", "cifar10": "crop", "imagefolder": "crop"}
 
 
 class ParamsError(StageError, ValueError):
@@ -39,8 +42,12 @@ class DataParams:
     test_fraction: float = 0.1  # carved out (stratified) when a dataset ships no test split
     limit: int = 0  # keep at most this many images per split, a stratified sample (0 = all): quick runs
     seed: int = 0
+    input_transform: dict[str, str] = field(default_factory=dict)  # per dataset; DEFAULT_INPUT_TRANSFORMS fill in
 
     def __post_init__(self):
+        from service.contract import INPUT_TRANSFORMS  # numpy only
+
+
         _check(self.dataset in DATASETS, "data.dataset", self.dataset, f"one of {', '.join(DATASETS)}")
         _check(self.dataset != "imagefolder" or bool(self.source), "data.source", self.source,
                "a folder of class subfolders when data.dataset is imagefolder")
@@ -48,6 +55,18 @@ class DataParams:
         _check(self.channels in (1, 3), "data.channels", self.channels, "1 or 3")
         _check(0.0 < self.test_fraction < 1.0, "data.test_fraction", self.test_fraction, "a fraction in (0, 1)")
         _check(self.limit >= 0, "data.limit", self.limit, ">= 0 (0 keeps everything)")
+        for name, transform in self.input_transform.items():
+            key = f"data.input_transform.{name}"
+            _check(name in DATASETS, key, name, f"a dataset name ({', '.join(DATASETS)})")
+            _check(transform in INPUT_TRANSFORMS, key, transform, f"one of {', '.join(INPUT_TRANSFORMS)}")
+        channels = {"cifar10": 3, "imagefolder": self.channels}.get(self.dataset, 1)
+        _check(self.transform != "digit" or channels == 1, f"data.input_transform.{self.dataset}", self.transform,
+               f"resize or crop: digit needs 1-channel images, {self.dataset} has {channels}")
+
+    @property
+    def transform(self) -> str:
+        """This dataset's ``input_transform``."""
+        return self.input_transform.get(self.dataset, DEFAULT_INPUT_TRANSFORMS[self.dataset])
 
 
 @dataclass(frozen=True)
@@ -57,14 +76,26 @@ class AugmentParams:
     translate: int = 0  # max shift in pixels, like a random crop of a padded image
     hflip: bool = False
     rotate_degrees: float = 0.0
+    scale: float = 0.0  # max relative zoom: 0.1 draws a factor in 0.9..1.1 per image
+    stroke: float = 0.0  # max share (0..1) of a 3x3 dilation (thicker) or erosion (thinner) blended in
+    blur: float = 0.0  # max share (0..1) of a 3x3 box blur blended in
+    noise: float = 0.0  # max std of Gaussian pixel noise, on the 0..1 scale
 
     def __post_init__(self):
         _check(self.translate >= 0, "augment.translate", self.translate, ">= 0")
         _check(0 <= self.rotate_degrees <= 180, "augment.rotate_degrees", self.rotate_degrees, "0..180")
+        _check(0 <= self.scale < 1, "augment.scale", self.scale, "0 <= scale < 1")
+        for key in ("stroke", "blur"):
+            _check(0 <= getattr(self, key) <= 1, f"augment.{key}", getattr(self, key), "0..1")
+        _check(0 <= self.noise <= 1, "augment.noise", self.noise, "0..1")
+
+    @property
+    def warps(self) -> bool:
+        return bool(self.translate or self.hflip or self.rotate_degrees or self.scale)
 
     @property
     def enabled(self) -> bool:
-        return bool(self.translate or self.hflip or self.rotate_degrees)
+        return self.warps or bool(self.stroke or self.blur or self.noise)
 
 
 @dataclass(frozen=True)

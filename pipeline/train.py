@@ -111,23 +111,43 @@ class DeviceData:
 
 
 def random_affine(x: torch.Tensor, aug: AugmentParams, gen: torch.Generator) -> torch.Tensor:
-    """One random rotation / translation / horizontal flip per image, as a single batched warp.
+    """One random rotation / zoom / translation / horizontal flip per image, as a single batched warp.
 
     x: float [B, C, H, W] on the 0..1 scale; areas moved in from outside the image are 0 (black).
-    A translation of t pixels is 2t/W in affine_grid's normalized coordinates.
+    A translation of t pixels is 2t/W in affine_grid's normalized coordinates; a zoom by z samples
+    the source at 1/z of the spacing.
     """
     b, _, h, w = x.shape
     rand = lambda *shape: torch.rand(*shape, generator=gen, device=gen.device)  # noqa: E731
     angle = (rand(b) * 2 - 1) * math.radians(aug.rotate_degrees)
     flip = torch.where(rand(b) < 0.5, -1.0, 1.0) if aug.hflip else torch.ones(b, device=gen.device)
+    inv_zoom = 1.0 / (1.0 + (rand(b) * 2 - 1) * aug.scale)
     shift = torch.floor(rand(b, 2) * (2 * aug.translate + 1)) - aug.translate  # integer pixels
-    cos, sin = torch.cos(angle), torch.sin(angle)
+    cos, sin = torch.cos(angle) * inv_zoom, torch.sin(angle) * inv_zoom
     theta = torch.stack([
         torch.stack([cos * flip, -sin, shift[:, 0] * 2 / w], dim=1),
         torch.stack([sin * flip, cos, shift[:, 1] * 2 / h], dim=1),
     ], dim=1).to(x.device)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def random_pixels(x: torch.Tensor, aug: AugmentParams, gen: torch.Generator) -> torch.Tensor:
+    """What a digit's normalization cannot remove, per image: stroke width (a random share of a 3x3
+    dilation or erosion blended in: pen and font weights), blur (a share of a 3x3 box blur: focus,
+    JPEG) and Gaussian noise (sensor, paper). x: float [B, C, H, W] on the 0..1 scale, light ink."""
+    b = x.shape[0]
+    rand = lambda: torch.rand(b, 1, 1, 1, generator=gen, device=gen.device).to(x.device)  # noqa: E731
+    if aug.stroke:
+        share = (rand() * 2 - 1) * aug.stroke  # > 0 thicker, < 0 thinner
+        dilated, eroded = F.max_pool2d(x, 3, 1, 1), -F.max_pool2d(-x, 3, 1, 1)
+        x = x + share.clamp(min=0) * (dilated - x) + (-share).clamp(min=0) * (eroded - x)
+    if aug.blur:
+        x = x + rand() * aug.blur * (F.avg_pool2d(x, 3, 1, 1, count_include_pad=False) - x)
+    if aug.noise:
+        noise = torch.randn(x.shape, generator=gen, device=gen.device).to(x.device)
+        x = (x + rand() * aug.noise * noise).clamp_(0, 1)
+    return x
 
 
 class BatchMaker:
@@ -143,8 +163,10 @@ class BatchMaker:
 
     def __call__(self, images: torch.Tensor, aug: AugmentParams | None = None, gen=None) -> torch.Tensor:
         x = images.float().div_(255)
-        if aug is not None and aug.enabled:
+        if aug is not None and aug.warps:
             x = random_affine(x, aug, gen)
+        if aug is not None and aug.enabled:
+            x = random_pixels(x, aug, gen)
         x = (x - self.mean) / self.std
         return x.contiguous(memory_format=self.memory_format)
 
@@ -485,6 +507,7 @@ def write_outputs(out_dir: Path, model: nn.Module, result: TrainResult, card: di
         "arch": arch, "kwargs": kwargs, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "in_channels": card["channels"], "image_size": card["image_size"], "num_classes": card["num_classes"],
         "classes": card["classes"], "mean": card["mean"], "std": card["std"], "dataset": card["dataset"],
+        "input_transform": card.get("input_transform", "resize"),  # cards from before the key: as before
         "mlflow_run_id": result.run_id, "num_params": result.summary["num_params"], "macs": result.summary["macs"],
     }
     save_checkpoint(out_dir / "model.pt", model_file)

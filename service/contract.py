@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["INPUT_NAME", "JSON_KEYS", "MODEL_FILE", "OUTPUT_NAME", "REQUIRED_KEYS", "RESIZE_FILTERS", "VARIANT_KEYS",
+__all__ = ["INPUT_NAME", "INPUT_TRANSFORMS", "JSON_KEYS", "MODEL_FILE", "OUTPUT_NAME", "REQUIRED_KEYS", "RESIZE_FILTERS", "VARIANT_KEYS",
            "PreprocessSpec", "check_graph", "cpu_session", "metadata_props", "missing_keys", "normalize",
            "parse_metadata", "read_metadata", "run_logits", "softmax", "write_metadata"]
 
@@ -41,6 +41,10 @@ VARIANT_KEYS = frozenset({"precision", "quantization"})
 #: the ``resize`` values (Pillow filters of the same names; service.preprocessing maps them)
 RESIZE_FILTERS = ("nearest", "box", "bilinear", "hamming", "bicubic", "lanczos")
 DEFAULT_RESIZE = "bilinear"
+#: the ``input_transform`` values (service.input_transform does them): how an image of any size and
+#: shape becomes ``image_size x image_size``; a file without the key is ``resize``, as before the key
+INPUT_TRANSFORMS = ("resize", "crop", "digit")
+DEFAULT_INPUT_TRANSFORM = "resize"
 
 
 # --- metadata -------------------------------------------------------------------------------------
@@ -53,6 +57,7 @@ def metadata_props(meta: Mapping[str, Any]) -> dict[str, str]:
         "std": json.dumps(list(meta["std"])), "arch": meta["arch"], "dataset": meta["dataset"],
         "mlflow_run_id": meta["mlflow_run_id"], "num_params": str(meta["num_params"]),
         "resize": meta.get("resize", DEFAULT_RESIZE),
+        "input_transform": meta.get("input_transform", DEFAULT_INPUT_TRANSFORM),
     }
 
 
@@ -104,6 +109,7 @@ class PreprocessSpec:
     std: tuple[float, ...]
     resize: str = DEFAULT_RESIZE
     classes: tuple[str, ...] = ()
+    input_transform: str = DEFAULT_INPUT_TRANSFORM
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
@@ -119,13 +125,18 @@ class PreprocessSpec:
             raise ValueError(f"std values must be > 0, got {list(self.std)}")
         if self.resize not in RESIZE_FILTERS:
             raise ValueError(f"resize must be one of {sorted(RESIZE_FILTERS)}, got {self.resize!r}")
+        if self.input_transform not in INPUT_TRANSFORMS:
+            raise ValueError(f"input_transform must be one of {list(INPUT_TRANSFORMS)}, got {self.input_transform!r}")
+        if self.input_transform == "digit" and self.channels != 1:
+            raise ValueError(f"input_transform 'digit' needs a 1-channel model, this one has {self.channels}")
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any]) -> "PreprocessSpec":
         """Build from ONNX ``metadata_props`` (string values) or their parsed mirror (a store entry's).
 
         Required: ``in_channels``, ``image_size``, ``mean``, ``std``; optional: ``resize`` (default
-        ``bilinear``), ``classes`` (required to serve: :func:`check_graph`). ``ValueError`` names the bad key.
+        ``bilinear``), ``input_transform`` (default ``resize``), ``classes`` (required to serve:
+        :func:`check_graph`). ``ValueError`` names the bad key.
         """
         missing = [k for k in REQUIRED_KEYS if k != "classes" and k not in metadata]
         if missing:
@@ -143,7 +154,8 @@ class PreprocessSpec:
                 raise ValueError(f"model metadata 'classes' must be a non-empty JSON list, got {metadata['classes']!r}")
             classes = tuple(str(c) for c in raw)
         resize = str(metadata.get("resize") or DEFAULT_RESIZE).lower()
-        return cls(channels, image_size, mean, std, resize, classes)
+        transform = str(metadata.get("input_transform") or DEFAULT_INPUT_TRANSFORM).lower()
+        return cls(channels, image_size, mean, std, resize, classes, transform)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

@@ -65,7 +65,7 @@ class DecodeBudget:
     def for_model(cls, spec: PreprocessSpec, image_pixels: int = 0, request_pixels: int = 0) -> "DecodeBudget":
         """Configured limits, 0 meaning "derive from the model's input size"."""
         image = image_pixels or pixel_limit(spec.image_size)
-        return cls(image, request_pixels or REQUEST_IMAGES_OF_PIXELS * image, draft_side(spec.image_size))
+        return cls(image, request_pixels or REQUEST_IMAGES_OF_PIXELS * image, draft_side(spec.image_size, spec.input_transform))
 
     def headers(self, blobs: Sequence[bytes]) -> list["ImageHeader | ImageError"]:
         """Each image's header, or the :class:`ImageError` that refuses it (per-image limit included)."""

@@ -171,6 +171,7 @@ class OnnxClassifier:
             "output_name": OUTPUT_NAME,
             "normalization": {"mean": list(self.spec.mean), "std": list(self.spec.std), "scale": "x / 255"},
             "resize": self.spec.resize,
+            "input_transform": self.spec.input_transform,
             "in_channels": self.spec.channels,
             "image_size": self.spec.image_size,
             "arch": self.metadata.get("arch"),

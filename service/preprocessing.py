@@ -13,13 +13,16 @@ The steps, each a pure function:
    (checked from the header, before any pixel is decoded; :func:`read_header`), integrity
    check (``Image.verify``), first frame only, EXIF orientation applied, alpha composited onto black,
    16-bit samples scaled to 8 bits (``v / 257``, rounded), then converted to ``L``/``RGB``.
-2. :func:`resize_image` - to ``size x size`` with the model's PIL filter (skipped when already that
-   size; the aspect ratio is not preserved, exactly as the contract says).
+2. :func:`transform_image` - to ``size x size`` by the model's ``input_transform``
+   (``service.input_transform``): ``resize`` with the model's PIL filter (:func:`resize_image`,
+   skipped when already that size; the aspect ratio is not kept: models exported before the key
+   existed), ``crop`` (short side to ``size``, centre square) or ``digit`` (MNIST's recipe: polarity,
+   background, ink box into 20x20, centre of mass; a blank image is :class:`ImageError` ``no_ink``).
 3. :func:`to_chw_uint8` - ``uint8 [C, H, W]``.
 4. :func:`normalize` - ``float32``: ``x / 255`` then ``(x - mean) / std`` per channel, for one image
    ``[C, H, W]`` or a batch ``[N, C, H, W]``.
 
-:func:`image_to_array` chains 1-3 and :func:`preprocess_batch` runs 1-4 over many images.
+:func:`image_to_array` chains 1-3 (:func:`transform_array` is step 2 for a dataset's uint8 arrays) and :func:`preprocess_batch` runs 1-4 over many images.
 Every failure caused by the input raises :class:`ImageError`, which carries a machine-readable
 ``reason`` and the HTTP status a server should answer with.
 """
@@ -32,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from . import input_transform
 from .contract import PreprocessSpec, normalize  # the contract's; re-exported for these steps' callers
 
 __all__ = [
@@ -50,7 +54,10 @@ __all__ = [
     "preprocess_batch",
     "read_header",
     "resize_image",
+    "spec_to_array",
     "to_chw_uint8",
+    "transform_array",
+    "transform_image",
 ]
 
 #: Largest accepted image, in pixels (width * height), checked before decoding. 40 MP covers
@@ -90,7 +97,8 @@ class ImageError(ValueError):
 
     reasons and the HTTP status they map to: ``empty`` (400), ``not_an_image`` (415),
     ``unsupported_format`` (415), ``unsupported_mode`` (415), ``too_many_pixels`` (413),
-    ``truncated`` (400), ``corrupt`` (400).
+    ``truncated`` (400), ``corrupt`` (400), ``no_ink`` (422: a ``digit`` model found nothing that
+    stands out from the background: blank paper, a flat colour, noise).
     """
 
     STATUS = {
@@ -101,6 +109,7 @@ class ImageError(ValueError):
         "too_many_pixels": 413,
         "truncated": 400,
         "corrupt": 400,
+        "no_ink": 422,
     }
 
     def __init__(self, reason: str, message: str) -> None:
@@ -306,9 +315,48 @@ def to_chw_uint8(img: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def draft_side(image_size: int) -> int:
-    """The side a large JPEG decodes down to (at least) for a model of ``image_size`` inputs."""
-    return DRAFT_OVERSAMPLE * image_size
+def transform_image(img: Image.Image, size: int, resample: str = "bilinear", transform: str = "resize") -> np.ndarray:
+    """A decoded ``L``/``RGB`` image -> ``uint8 [C, size, size]`` by the contract's ``input_transform``."""
+    if transform == "digit":
+        try:
+            return input_transform.digit_image(img, size)[None]
+        except input_transform.NoInk as err:
+            raise ImageError("no_ink", str(err)) from err
+    if transform == "crop":
+        if resample not in RESAMPLE_FILTERS:
+            raise ValueError(f"resample must be one of {sorted(RESAMPLE_FILTERS)}, got {resample!r}")
+        return to_chw_uint8(input_transform.center_crop(img, size, RESAMPLE_FILTERS[resample]))
+    if transform != "resize":
+        raise ValueError(f"input_transform must be one of {input_transform.INPUT_TRANSFORMS}, got {transform!r}")
+    return to_chw_uint8(resize_image(img, size, resample))
+
+
+def transform_array(images: np.ndarray, size: int, resample: str = "bilinear", transform: str = "resize") -> np.ndarray:
+    """A dataset's ``uint8 [N, C, H, W]`` -> ``[N, C, size, size]``, each image as :func:`transform_image`
+    would transform it decoded from a lossless file (``digit``: a blank image stays blank: a
+    dataset keeps every labelled image; the service answers ``no_ink`` for it)."""
+    if transform == "digit":
+        return np.stack([_digit_or_blank(img[0], size) for img in images])[:, None]
+    if images.shape[-2:] == (size, size):
+        return images
+    mode = "L" if images.shape[1] == 1 else "RGB"
+    out = [transform_image(Image.fromarray(img[0] if mode == "L" else img.transpose(1, 2, 0), mode), size,
+                           resample, transform) for img in images]
+    return np.stack(out)
+
+
+def _digit_or_blank(gray: np.ndarray, size: int) -> np.ndarray:
+    try:
+        return input_transform.digit_array(gray, size)
+    except input_transform.NoInk:
+        return np.zeros((size, size), np.uint8)
+
+
+def draft_side(image_size: int, transform: str = "resize") -> int:
+    """The side a large JPEG decodes down to (at least) for a model of ``image_size`` inputs (``digit``:
+    at least its working size, so a small digit in a large photo keeps its strokes)."""
+    side = DRAFT_OVERSAMPLE * image_size
+    return max(side, input_transform.WORK_SIDE) if transform == "digit" else side
 
 
 def image_to_array(
@@ -318,11 +366,18 @@ def image_to_array(
     size: int,
     resample: str = "bilinear",
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    transform: str = "resize",
 ) -> np.ndarray:
-    """Encoded image bytes -> ``uint8 [channels, size, size]`` (decode, resize, layout). Large JPEGs
-    decode at reduced scale, down to ``draft_side(size)`` per side."""
-    img = decode_image(data, channels, max_pixels=max_pixels, draft_to=draft_side(size))
-    return to_chw_uint8(resize_image(img, size, resample))
+    """Encoded image bytes -> ``uint8 [channels, size, size]`` (decode, transform, layout). Large JPEGs
+    decode at reduced scale, down to ``draft_side(size, transform)`` per side."""
+    img = decode_image(data, channels, max_pixels=max_pixels, draft_to=draft_side(size, transform))
+    return transform_image(img, size, resample, transform)
+
+
+def spec_to_array(data: bytes, spec: PreprocessSpec, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """:func:`image_to_array` with a model's :class:`PreprocessSpec`."""
+    return image_to_array(data, channels=spec.channels, size=spec.image_size, resample=spec.resize,
+                          max_pixels=max_pixels, transform=spec.input_transform)
 
 
 def preprocess_batch(
@@ -333,10 +388,7 @@ def preprocess_batch(
     Raises the first :class:`ImageError`; callers that must report every bad file (the service)
     call :func:`image_to_array` per image instead.
     """
-    arrays = [
-        image_to_array(data, channels=spec.channels, size=spec.image_size, resample=spec.resize, max_pixels=max_pixels)
-        for data in images
-    ]
+    arrays = [spec_to_array(data, spec, max_pixels=max_pixels) for data in images]
     if not arrays:
         return np.zeros((0, *spec.input_shape), dtype=np.float32)
     return normalize(np.stack(arrays), spec.mean, spec.std)

@@ -68,7 +68,7 @@ from service.patches import (check_bentoml_version, mark_metrics_process_dead, p
                              patch_outermost_middleware, patch_timeout_middleware)
 from service.penalty import PenaltyBoxMiddleware, RefusalPenalty
 from service.postprocessing import predictions
-from service.preprocessing import ImageError, image_to_array
+from service.preprocessing import ImageError, spec_to_array
 from service.shadow import Shadow
 from service.ui import ServerTimingMiddleware, ui_routes
 
@@ -652,8 +652,7 @@ class Classifier:
             if cancelled is not None and cancelled.is_set():
                 break  # nobody waits for the result any more
             try:
-                arrays.append(image_to_array(upload.data, channels=spec.channels, size=spec.image_size,
-                                             resample=spec.resize, max_pixels=budget.image_pixels))
+                arrays.append(spec_to_array(upload.data, spec, max_pixels=budget.image_pixels))
             except ImageError as err:
                 errors.append(_image_error(upload, err))
             except Exception as err:  # never let a decoder bug become a 500 for one bad file

@@ -16,6 +16,7 @@ it is used, so a bench that never starts a server or fits a model does not need 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import os
 import platform
@@ -218,26 +219,30 @@ def store_in_bento_home(onnx_path: Path, home: Path, alias: str = "champion", ve
     return out.strip().splitlines()[-1]
 
 
-def contract_meta(arch: str, num_params: int) -> dict:
+def contract_meta(arch: str, num_params: int, input_transform: str | None = None) -> dict:
     """The model file metadata (pipeline.modelfile's keys) of a 1x28x28 -> 10-class MNIST model of the
-    tests' run; pipeline.export.export_onnx writes the ONNX contract (docs/model-contract.md) from it."""
-    return {"classes": [str(i) for i in range(10)], "in_channels": 1, "image_size": 28, "mean": [MNIST_MEAN],
+    tests' run; pipeline.export.export_onnx writes the ONNX contract (docs/model-contract.md) from it.
+    ``input_transform`` None: a model file from before the key (the ONNX file says ``resize``)."""
+    meta = {"classes": [str(i) for i in range(10)], "in_channels": 1, "image_size": 28, "mean": [MNIST_MEAN],
             "std": [MNIST_STD], "arch": arch, "dataset": "mnist", "mlflow_run_id": TEST_RUN_ID,
             "num_params": num_params}
+    return meta if input_transform is None else {**meta, "input_transform": input_transform}
 
 
-def export_with_contract(model, path: Path, arch: str, opset: int = 17) -> Path:
+def export_with_contract(model, path: Path, arch: str, opset: int = 17, input_transform: str | None = None) -> Path:
     """Export a 1x28x28 -> 10-class torch model to `path` with the export stage's own function."""
     from pipeline.export import export_onnx
 
-    meta = contract_meta(arch, sum(p.numel() for p in model.parameters()))
+    meta = contract_meta(arch, sum(p.numel() for p in model.parameters()), input_transform)
     path.write_bytes(export_onnx(model, meta, opset=opset).SerializeToString())
     return path
 
 
-def build_tiny_onnx_model(mnist: Mnist, path: Path, *, n_train: int = 6000, seed: int = 0) -> Path:
+def build_tiny_onnx_model(mnist: Mnist, path: Path, *, n_train: int = 6000, seed: int = 0,
+                          input_transform: str | None = None) -> Path:
     """Fit a tiny CNN on `n_train` MNIST images (two passes, ~4 s on 2 CPU cores, >90 % accurate) and
-    export it per docs/model-contract.md."""
+    export it per docs/model-contract.md. ``input_transform="digit"``: trained on the digits as the
+    download stage prepares them (service.preprocessing.transform_array), and declared so."""
     import torch
 
     torch.manual_seed(seed)
@@ -246,7 +251,13 @@ def build_tiny_onnx_model(mnist: Mnist, path: Path, *, n_train: int = 6000, seed
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return export_with_contract(_fit_tiny_cnn(torch, mnist, n_train), path, "tinycnn")
+        if input_transform is not None:
+            from service.preprocessing import transform_array
+
+            images = transform_array(mnist.train_images[:n_train, None], 28, transform=input_transform)[:, 0]
+            mnist = dataclasses.replace(mnist, train_images=images)
+        return export_with_contract(_fit_tiny_cnn(torch, mnist, n_train), path, "tinycnn",
+                                    input_transform=input_transform)
     finally:
         torch.set_num_threads(threads)
 

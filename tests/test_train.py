@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from pipeline.params import AugmentParams
-from pipeline.train import BatchMaker, fingerprint, load_checkpoint, random_affine, save_checkpoint
+from pipeline.train import BatchMaker, fingerprint, load_checkpoint, random_affine, random_pixels, save_checkpoint
 
 TRAIN = {"lr": 0.05, "schedule": "onecycle", "optimizer": "sgd", "batch_size": 64, "channels_last": True}
 OUTPUT_FILES = ("model.pt", "metrics.json", "history.csv", "curves.png")
@@ -307,6 +307,50 @@ def test_batch_maker_normalizes_and_uses_channels_last():
     aug = BatchMaker([0.5], [0.25], torch.device("cpu"), channels_last=False)(
         raw, AugmentParams(hflip=True), torch.Generator().manual_seed(0))
     assert aug.shape == raw.shape and aug.is_contiguous()
+
+
+def stroke_digits(batch: int = 32) -> torch.Tensor:
+    """White strokes on black [B, 1, 28, 28]: a bar of width 3 and a ring, what the digit augments see."""
+    x = torch.zeros(batch, 1, 28, 28)
+    x[:, :, 6:22, 12:15] = 1.0
+    ys, xs = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    ring = ((ys - 14) ** 2 + (xs - 14) ** 2).sqrt()
+    x[:, 0][:, (ring > 8) & (ring < 10)] = 1.0
+    return x
+
+
+def test_zoom_scales_the_ink_within_the_limit():
+    x = stroke_digits()
+    out = random_affine(x, AugmentParams(scale=0.2), torch.Generator().manual_seed(4))
+    ratio = out.sum(dim=(1, 2, 3)) / x.sum(dim=(1, 2, 3))  # ink area scales with zoom squared
+    assert ratio.min() > 0.8 ** 2 - 0.05 and ratio.max() < 1.2 ** 2 + 0.05
+    assert ratio.max() - ratio.min() > 0.3  # random per image
+    assert torch.allclose(random_affine(x, AugmentParams(scale=0.0), torch.Generator().manual_seed(4)), x, atol=1e-5)
+
+
+def test_stroke_augment_thickens_and_thins_some_images():
+    x = stroke_digits(64)
+    out = random_pixels(x, AugmentParams(stroke=1.0), torch.Generator().manual_seed(5))
+    ratio = out.sum(dim=(1, 2, 3)) / x.sum(dim=(1, 2, 3))
+    assert (ratio > 1.2).sum() > 10 and (ratio < 0.8).sum() > 10
+    assert out.min() >= 0 and out.max() <= 1 and out.shape == x.shape
+
+
+def test_blur_and_noise_stay_in_range_and_are_seeded():
+    x = stroke_digits(16)
+    aug = AugmentParams(blur=1.0, noise=0.1)
+    out = random_pixels(x, aug, torch.Generator().manual_seed(6))
+    assert torch.equal(out, random_pixels(x, aug, torch.Generator().manual_seed(6)))
+    assert out.min() >= 0 and out.max() <= 1 and not torch.allclose(out, x, atol=1e-2)
+    assert torch.equal(random_pixels(x, AugmentParams(), torch.Generator().manual_seed(6)), x)
+
+
+def test_the_batch_maker_applies_pixel_augments_without_a_warp():
+    raw = (stroke_digits(8) * 255).to(torch.uint8)
+    make = BatchMaker([0.0], [1.0], torch.device("cpu"), channels_last=False)
+    aug = AugmentParams(stroke=1.0)
+    assert aug.enabled and not aug.warps
+    assert not torch.allclose(make(raw, aug, torch.Generator().manual_seed(0)), make(raw))
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 6, 50])

@@ -9,6 +9,9 @@
 - ``bento_home``: a temporary BentoML home holding that model (stored via ``pipeline/bento_store.py``
   in a subprocess, so this process' BentoML configuration and the user's store are untouched).
 - ``server``: ONE real ``bentoml serve service.service:Classifier`` per session on a free port.
+- ``digit_onnx_model`` / ``digit_server``: the same tiny CNN trained on digits as the download stage
+  prepares them and declaring ``input_transform: digit`` (MNIST's recipe for photos of digits), and
+  one server of it per session (the ``server`` above keeps a model from before the key).
 """
 from __future__ import annotations
 
@@ -96,6 +99,22 @@ def bento_home(tiny_onnx_model: Path, tmp_path_factory) -> tuple[Path, str]:
     home = tmp_path_factory.mktemp("bentoml_home")
     tag = store_test_model(tiny_onnx_model, home)
     return home, tag
+
+
+@pytest.fixture(scope="session")
+def digit_onnx_model(mnist: Mnist, tmp_path_factory) -> Path:
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    return build_tiny_onnx_model(mnist, tmp_path_factory.mktemp("digit-model") / "digit.onnx", input_transform="digit")
+
+
+@pytest.fixture(scope="session")
+def digit_server(digit_onnx_model, tmp_path_factory):
+    pytest.importorskip("httpx")
+    folder = tmp_path_factory.mktemp("digit-server")
+    tag = store_test_model(digit_onnx_model, folder / "bentoml")
+    with serve(folder / "bentoml", folder / "bentoml-serve.log", tag) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="session")
