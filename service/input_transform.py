@@ -56,6 +56,14 @@ BACKGROUND_CELLS = 8
 PAPER_PERCENTILE = 10
 
 
+def _quantile(x: np.ndarray, q: float) -> float:
+    """The ``q`` quantile (0..1, nearest rank) of ``x``: ``np.partition``, ~10x cheaper than ``np.percentile``
+    on a 28x28 image (the service runs this per request)."""
+    flat = x.ravel()
+    k = min(len(flat) - 1, max(0, round(q * (len(flat) - 1))))
+    return float(np.partition(flat, k)[k])
+
+
 class NoInk(ValueError):
     """The image holds nothing that stands out from its background (blank paper, a flat colour, noise)."""
 
@@ -90,7 +98,7 @@ def digit_array(gray: np.ndarray, size: int) -> np.ndarray:
         x, smooth = 255.0 - x, 255.0 - smooth
     background = _background(x)
     flat, smooth = x - background, smooth - background  # a 3x3 mean of the smooth surface is itself
-    noise = 1.4826 * float(np.median(np.abs(flat - np.median(flat))))
+    noise = 1.4826 * _quantile(np.abs(flat - _quantile(flat, 0.5)), 0.5)
     strongest = float(smooth.max())
     if strongest < max(MIN_INK, MIN_SNR * noise):
         raise NoInk(f"no ink found: the strongest mark is {strongest:.0f} grey levels above the background "
@@ -105,7 +113,7 @@ def digit_array(gray: np.ndarray, size: int) -> np.ndarray:
 def _ink_is_dark(smooth: np.ndarray) -> bool:
     """Dark ink on light paper: the darkest mark lies farther below the median than the brightest above
     it (extremes of the 3x3 mean: a digit may cover a thousandth of a photo, a speck is smoothed away)."""
-    lo, hi, median = float(smooth.min()), float(smooth.max()), float(np.median(smooth))
+    lo, hi, median = float(smooth.min()), float(smooth.max()), _quantile(smooth, 0.5)
     return median - lo > hi - median
 
 
@@ -126,7 +134,7 @@ def _background(x: np.ndarray) -> np.ndarray | np.float32:
     h, w = x.shape
     cells = int(np.clip(max(h, w) // 16, 1, BACKGROUND_CELLS))
     if cells < 3:
-        return np.float32(np.percentile(x, PAPER_PERCENTILE))
+        return np.float32(_quantile(x, PAPER_PERCENTILE / 100))
     ch, cw = max(1, h // cells), max(1, w // cells)
     ny, nx = max(1, h // ch), max(1, w // cw)
     cells_ = x[:ny * ch, :nx * cw].reshape(ny, ch, nx, cw).transpose(0, 2, 1, 3).reshape(ny * nx, ch * cw)
@@ -176,8 +184,9 @@ def _fit(patch: np.ndarray, box: int) -> np.ndarray:
     h, w = patch.shape
     scale = box / max(h, w)
     new = (max(1, round(w * scale)), max(1, round(h * scale)))
-    small = np.asarray(Image.fromarray(patch.astype(np.float32), mode="F").resize(new, Image.Resampling.BILINEAR))
-    core = float(np.percentile(small, 99))
+    small = patch if new == (w, h) else np.asarray(
+        Image.fromarray(patch.astype(np.float32), mode="F").resize(new, Image.Resampling.BILINEAR))
+    core = _quantile(small, 0.99)
     if core <= 0:
         core = float(small.max()) or 1.0
     return np.clip(small * (255.0 / core), 0, 255)
@@ -187,10 +196,10 @@ def _place(patch: np.ndarray, size: int) -> np.ndarray:
     """``patch`` on a black ``size x size`` field with its centre of mass at the centre (MNIST: 14, 14
     of 28, in pixel-index coordinates), shifted back inside the field where it would stick out."""
     h, w = patch.shape
-    mass = float(patch.sum())
-    ys, xs = np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64)
-    cy = float(patch.sum(axis=1) @ ys) / mass if mass else (h - 1) / 2
-    cx = float(patch.sum(axis=0) @ xs) / mass if mass else (w - 1) / 2
+    rows, cols = patch.sum(axis=1, dtype=np.float64), patch.sum(axis=0, dtype=np.float64)
+    mass = float(rows.sum())
+    cy = float(rows @ np.arange(h)) / mass if mass else (h - 1) / 2
+    cx = float(cols @ np.arange(w)) / mass if mass else (w - 1) / 2
     top = int(np.clip(round(size / 2 - cy), 0, size - h))
     left = int(np.clip(round(size / 2 - cx), 0, size - w))
     out = np.zeros((size, size), np.float32)
