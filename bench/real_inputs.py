@@ -11,6 +11,14 @@ per settings in a work folder, default ``<temp>/real-inputs-<settings>``, and re
 place), ``typed`` (0-9 in every font of the machine), ``drawn`` (browser-canvas strokes), ``mnist``
 (the raw 28x28 test PNGs) and ``blank`` (no digit). Look at ``contact_sheet.png`` in the corpus folder.
 
+And ``canvas`` (bench/real_canvas.py): ``--canvas`` digits (default 50, 5 per digit) drawn with the
+mouse on the /ui page's pad in headless Chromium (Playwright), the ``drawn`` part's jittered strokes,
+kept as the PNGs the page itself sent. They are drawn once, on the FIRST model's server after it is
+ready and before it is measured (the page's own answers are not used), kept in ``<corpus>/canvas/``
+with a manifest of their own (reused while count, seed, strokes, the page and Chromium are the same),
+and then sent to every model like the other parts. Without Chromium or playwright (or when drawing
+fails) one line says that the part is skipped and why, and the bench goes on without it.
+
 Policy. For each ``--model NAME=PATH.onnx``, in the order given, ONE real ``bentoml serve
 service.service:Classifier`` on a free loopback port, with a temporary BENTOML_HOME holding only that
 file as the champion (tests/harness.py), default settings except CLASSIFIER_REFUSAL_RATE=0 (the
@@ -54,12 +62,14 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import real_corpus  # noqa: E402
+from bench import real_canvas, real_corpus  # noqa: E402
 from bench.real_corpus import PARTS, Item  # noqa: E402
 from bench.serve import RESULTS_DIR, versions  # noqa: E402
 from bench.shadow import start as serve_store  # noqa: E402  (bentoml serve on a store, poll off, /readyz)
 from tests import harness  # noqa: E402
 
+#: the parts in report order: the generated ones, the pad's drawings after the imitation of them
+REPORT_PARTS = (*PARTS[:PARTS.index("drawn") + 1], real_canvas.PART, *PARTS[PARTS.index("drawn") + 1:])
 TARGETS = {"handwritten": 0.97, "typed": 0.95}  # accuracy of the last model; mnist: >= the first model's
 SERVER_ENV = {"CLASSIFIER_REFUSAL_RATE": "0", "CLASSIFIER_ACCESS_LOG": "0"}
 BATCH_IMAGES = 16
@@ -178,8 +188,10 @@ async def classify_all(url: str, items: list[Item], limits: dict) -> tuple[list[
     return answers, dict(stats)
 
 
-def serve_and_classify(name: str, onnx: Path, items: list[Item], workdir: Path) -> dict:
-    """Store `onnx` in a fresh BentoML home, serve it, classify every item, stop the server."""
+def serve_and_classify(name: str, onnx: Path, items: list[Item], workdir: Path, before=None) -> tuple[dict, list[Item]]:
+    """Store `onnx` in a fresh BentoML home, serve it, classify every item, stop the server. `before`:
+    called with the server's URL once it is ready, before the clock starts; the items it returns are
+    classified too (the canvas part, drawn on this server's /ui). Returns (raw result, the items)."""
     home = workdir / f"bentoml_home_{name}"
     shutil.rmtree(home, ignore_errors=True)
     tag = harness.store_in_bento_home(onnx, home)
@@ -187,6 +199,8 @@ def serve_and_classify(name: str, onnx: Path, items: list[Item], workdir: Path) 
 
     with serve_store(home, workdir, SERVER_ENV, name) as server:
         print(f"real inputs: {name}: {tag} served on {server.url}, ready after {server.ready_s:.1f} s", flush=True)
+        if before is not None:
+            items = items + before(server.url)
         meta = httpx.get(server.url + "/metadata", timeout=30).json()
         started = time.monotonic()
         answers, stats = asyncio.run(classify_all(server.url, items, meta.get("limits") or {}))
@@ -198,7 +212,7 @@ def serve_and_classify(name: str, onnx: Path, items: list[Item], workdir: Path) 
             "limits": meta.get("limits"), "server": {"env": SERVER_ENV, "ready_s": round(server.ready_s, 2),
                                                      "alive_after": alive, **memory},
             "seconds": round(seconds, 1), "images_per_s": round(len(items) / seconds, 1), "requests": stats,
-            "answers": answers}
+            "answers": answers}, items
 
 
 # --- analysis ----------------------------------------------------------------------------------------
@@ -211,7 +225,7 @@ def summarize(items: list[Item], answers: list[dict]) -> dict:
     """Per part: n, correct, accuracy, refused (by 'status reason'), mean confidence right / wrong;
     blank: no_ink refusals vs answers; digit parts: accuracy per true label."""
     out = {}
-    for part in PARTS:
+    for part in REPORT_PARTS:
         rows = [(item, a) for item, a in zip(items, answers) if item.part == part]
         if not rows:
             continue
@@ -283,7 +297,7 @@ def save_misclassified(items: list[Item], wrong: list[dict], folder: Path, keep:
     each part's first failures are there, as NNNNN-<part>-true<L>-pred<P>.<ext>. Returns how many."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    queues = [[w for w in wrong if w["part"] == part] for part in PARTS]
+    queues = [[w for w in wrong if w["part"] == part] for part in REPORT_PARTS]
     chosen = []
     while len(chosen) < keep and any(queues):
         chosen += [q.pop(0) for q in queues if q][:keep - len(chosen)]
@@ -318,7 +332,7 @@ def table(models: list[dict]) -> list[str]:
         lines.append(f"| {label} | " + " | ".join(cell(m) for m in models) + " |")
 
     row("input_transform (metadata)", lambda m: str(m["metadata"].get("input_transform")))
-    for part in PARTS:
+    for part in REPORT_PARTS:
         n = next((m["summary"][part]["n"] for m in models if part in m["summary"]), None)
         if n is None:
             continue
@@ -347,6 +361,7 @@ def markdown(result: dict) -> str:
              (f"- corpus: bench/real_corpus.py, {result['corpus']['per_part']} per part, seed {result['corpus']['seed']}, "
               f"{result['corpus']['sizes']['mnist']} MNIST test images, {result['corpus']['sizes']['blank']} blanks; "
               f"{result['corpus']['fonts']} fonts; folder {result['corpus']['folder']}"),
+             f"- canvas: {result['corpus']['canvas']['said']}",
              (f"- each model: its own `bentoml serve` ({json.dumps(SERVER_ENV)}), `POST /classify` with up to "
               f"{BATCH_IMAGES} images per request, {CONNECTIONS} connections; a refused image counts as wrong"), ""]
     lines += [f"- {x['name']}: `{x['onnx']}` ({x['tag']}, arch {x['metadata'].get('arch')}, "
@@ -383,6 +398,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--per-part", type=int, help="images per generated part (default 500; --quick 100)")
     p.add_argument("--mnist-limit", type=int, help="MNIST test images (default 10000, all; --quick 1000)")
     p.add_argument("--seed", type=int, default=0, help="corpus seed (default 0)")
+    p.add_argument("--canvas", type=int, default=real_canvas.COUNT, metavar="N",
+                   help=f"digits drawn on the /ui pad in headless Chromium (default {real_canvas.COUNT}; 0: none)")
     p.add_argument("--work", type=Path, help="work folder: corpus, server logs, misclassified images "
                                              "(default <temp>/real-inputs-<settings>)")
     p.add_argument("--out", type=Path, help="results folder (default bench/results; with --quick the temp folder)")
@@ -394,14 +411,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--model names must differ: {names}")
     args.per_part = args.per_part if args.per_part is not None else (100 if args.quick else 500)
     args.mnist_limit = args.mnist_limit if args.mnist_limit is not None else (1000 if args.quick else 10000)
-    if args.per_part < 1 or args.mnist_limit < 0:
-        p.error("--per-part must be >= 1 and --mnist-limit >= 0")
+    if args.per_part < 1 or args.mnist_limit < 0 or args.canvas < 0:
+        p.error("--per-part must be >= 1, --mnist-limit and --canvas >= 0")
     if args.out is None:
         args.out = Path(tempfile.gettempdir()) if args.quick else RESULTS_DIR
     if args.work is None:
         key = real_corpus.settings_key(args.per_part, args.seed, args.mnist_limit)
         args.work = Path(tempfile.gettempdir()) / f"real-inputs-{key}"
     return args
+
+
+def canvas_part(args: argparse.Namespace, folder: Path) -> tuple[dict, object]:
+    """The canvas part: ({"items": reused drawings or [], "said": one line, ...}, None), or, when it is
+    to be drawn, a function drawing it on a server's URL (its items; [] if drawing fails)."""
+    info = {"count": args.canvas, "folder": str(folder), "items": []}
+
+    def skip(reason: str) -> tuple[dict, None]:
+        info.update(skipped=reason, said=f"skipped: {reason}")
+        print(f"real inputs: canvas part skipped: {reason}", flush=True)
+        return info, None
+
+    if args.canvas == 0:
+        return skip("--canvas 0")
+    if (done := real_canvas.cached(folder, args.canvas, args.seed)) is not None:  # playwright not needed then
+        info.update(items=done, reused=True, said=f"{len(done)} digits drawn on the /ui pad earlier, reused from {folder}")
+        print(f"real inputs: canvas: reusing {len(done)} drawings in {folder}", flush=True)
+        return info, None
+    if reason := real_canvas.unavailable():
+        return skip(reason)
+
+    def draw(url: str) -> list[Item]:
+        started = time.monotonic()
+        print(f"real inputs: canvas: drawing {args.canvas} digits on {url}/ui in headless Chromium", flush=True)
+        try:
+            drawn = real_canvas.build(folder, url, args.canvas, args.seed)
+        except Exception as err:  # noqa: BLE001  the browser failing is no reason to stop the benchmark
+            skip(f"drawing on the pad failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            return []
+        seconds = time.monotonic() - started
+        info.update(reused=False, seconds=round(seconds, 1),
+                    said=f"{len(drawn)} digits drawn on the first model's /ui pad in headless Chromium "
+                         f"({seconds:.1f} s), kept in {folder}")
+        return drawn
+
+    info["said"] = "to be drawn on the first model's server"
+    return info, draw
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -423,12 +477,18 @@ def main(argv: list[str] | None = None) -> int:
                         "mnist_limit": args.mnist_limit, "sizes": sizes, "fonts": len(real_corpus.font_files()),
                         "contact_sheet": str(sheet)}
     print(f"real inputs: corpus {sizes} in {args.work / 'corpus'}; contact sheet {sheet}", flush=True)
+    canvas, draw = canvas_part(args, args.work / "corpus" / real_canvas.PART)
+    result["corpus"]["canvas"] = canvas
+    items += canvas.pop("items")
     models = []
-    for name, onnx in args.model:
-        raw = serve_and_classify(name, onnx, items, args.work)
+    for k, (name, onnx) in enumerate(args.model):
+        raw, items = serve_and_classify(name, onnx, items, args.work, before=draw if k == 0 else None)
         raw["summary"] = summarize(items, raw["answers"])
         raw["handwritten_by_attribute"] = by_attribute(items, raw["answers"])
         models.append(raw)
+    result["corpus"]["sizes"] = dict(Counter(item.part for item in items))
+    if result["corpus"]["sizes"].get(real_canvas.PART):  # the sheet again, with the pad's drawings
+        real_corpus.contact_sheet(items, sheet, per_part={**real_corpus.SHEET_SAMPLES, real_canvas.PART: 8})
     last = models[-1]
     missed = args.work / f"misclassified-{last['name']}"
     wrong = failures(items, last["answers"])

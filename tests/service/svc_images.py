@@ -21,6 +21,14 @@ def encode(img: Image.Image, fmt: str, **params) -> bytes:
     return buf.getvalue()
 
 
+def stroke_png() -> bytes:
+    """A 28x28 white-on-black PNG of one vertical stroke (a "1"): an image every model answers, a digit
+    model too (a blank one is its 422 no_ink)."""
+    arr = np.zeros((28, 28), np.uint8)
+    arr[4:24, 13:16] = 255
+    return encode(Image.fromarray(arr), "PNG")
+
+
 def rgb_image(width: int = 40, height: int = 30) -> Image.Image:
     return Image.fromarray(gradient(width, height), mode="RGB")
 

@@ -78,8 +78,6 @@ def test_the_built_bento_serves_the_stored_model(bento_home, tmp_path):
     import sys
 
     import httpx
-    import numpy as np
-    from PIL import Image
 
     import svc_images
     from svc_support import serve
@@ -95,7 +93,7 @@ def test_the_built_bento_serves_the_stored_model(bento_home, tmp_path):
     bento_tag = build.stdout.strip().splitlines()[-1].replace("__tag__:", "")
     assert bento_tag.startswith("image-classifier:")
 
-    png = svc_images.encode(Image.fromarray(np.zeros((28, 28), np.uint8)), "PNG")
+    png = svc_images.stroke_png()
     with serve(home, tmp_path / "bento.log", model_tag, target=bento_tag) as srv:
         meta = httpx.get(f"{srv.url}/metadata", timeout=30).json()
         resp = httpx.post(f"{srv.url}/classify", files=[("images", ("a.png", png, "image/png"))], timeout=30)

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import svc_images
 from svc_support import SERVER_ENV, serve
@@ -29,7 +28,7 @@ from tests.conftest import Project, clone_project
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 NAME = "image-classifier"
-PNG = svc_images.encode(Image.fromarray(np.zeros((28, 28), np.uint8)), "PNG")
+PNG = svc_images.stroke_png()
 
 
 @dataclass
