@@ -261,21 +261,31 @@ def transform_split(split: Split, transform: str, workers: int = 0) -> Split:
 
     images, size = split.images, split.images.shape[-1]
     workers = workers or len(os.sched_getaffinity(0))
-    if transform == "resize" or workers < 2 or len(images) < 5000:
+    if transform != "digit" or workers < 2 or len(images) < 5000:  # resize, crop: the identity at this size
         return Split(transform_array(images, size, transform=transform), split.labels)
     chunks = np.array_split(images, workers * 4)
+    starts = np.cumsum([0] + [len(c) for c in chunks[:-1]]).tolist()
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
         done = list(pool.map(transform_array, chunks, [size] * len(chunks), ["bilinear"] * len(chunks),
-                             [transform] * len(chunks)))
+                             [transform] * len(chunks), starts))
     return Split(np.concatenate(done), split.labels)
 
 
 def apply_transform(ds: Dataset, transform: str) -> Dataset:
-    """The dataset in the model's form: what the service will make of the same images."""
+    """The dataset in the model's form: what the service will make of the same images. An image the
+    transform refuses (``digit``: no ink) stops the stage naming it, as an image folder's file does."""
+    from service.input_transform import NoInk
+
     if ds.transformed:
         return ds
-    return dataclasses.replace(ds, train=transform_split(ds.train, transform), test=transform_split(ds.test, transform),
-                               transformed=True)
+    splits = {}
+    for name in ("train", "test"):
+        try:
+            splits[name] = transform_split(getattr(ds, name), transform)
+        except NoInk as err:  # the message names the image's index in the split
+            raise DownloadError(f"{ds.name} {name} split, {err}: data.input_transform {transform} cannot use "
+                                f"it (remove the image, or set another transform)") from err
+    return dataclasses.replace(ds, **splits, transformed=True)
 
 
 def fetch(p: DataParams, raw_root: Path = RAW_DIR, mirror: Path | None = None) -> Dataset:

@@ -47,7 +47,6 @@ class DataParams:
     def __post_init__(self):
         from service.contract import INPUT_TRANSFORMS  # numpy only
 
-
         _check(self.dataset in DATASETS, "data.dataset", self.dataset, f"one of {', '.join(DATASETS)}")
         _check(self.dataset != "imagefolder" or bool(self.source), "data.source", self.source,
                "a folder of class subfolders when data.dataset is imagefolder")

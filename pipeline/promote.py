@@ -214,6 +214,12 @@ def champion_metric_on(name: str, champion: dict, metric: str, test_sha: str) ->
         model = tracking.download_version(name, champion["version"], tmp) / MODEL_FILE
         meta = read_metadata(model)
         logits = run_logits(model, normalize(test.images, json.loads(meta["mean"]), json.loads(meta["std"])))
+    prepared_with = load_card(PREPARED_DIR).get("input_transform", "resize")
+    if meta.get("input_transform", "resize") != prepared_with:  # e.g. a champion from before the key
+        print(f"promote: champion v{champion['version']} declares input_transform "
+              f"{meta.get('input_transform', 'resize')}; re-measured on the test split as prepared now "
+              f"({prepared_with}, at the model's size, where resize and crop leave pixels as they are)",
+              file=sys.stderr)
     return float((logits.argmax(1) == test.labels).mean())
 
 

@@ -81,19 +81,13 @@ def center_crop(img: Image.Image, size: int, resample: Image.Resampling) -> Imag
 # --- digit -----------------------------------------------------------------------------------------
 
 def digit_image(img: Image.Image, size: int) -> np.ndarray:
-    """A decoded ``L`` image -> ``uint8 [size, size]`` in MNIST's form; :class:`NoInk` when blank."""
-    if img.mode != "L":
-        img = img.convert("L")
-    width, height = img.size
-    scale = WORK_SIDE / max(width, height)
-    if scale < 1:  # box filter: each working pixel averages the pixels it covers (thin strokes fade, not vanish)
-        img = img.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BOX)
-    return digit_array(np.asarray(img), size)
+    """A decoded image -> ``uint8 [size, size]`` in MNIST's form; :class:`NoInk` when blank."""
+    return digit_array(np.asarray(img if img.mode == "L" else img.convert("L")), size)
 
 
 def digit_array(gray: np.ndarray, size: int) -> np.ndarray:
-    """``uint8 [H, W]`` (any size) -> ``uint8 [size, size]``: steps 2-6 of the module docstring."""
-    x = np.asarray(gray, dtype=np.float32)
+    """``uint8 [H, W]`` (any size) -> ``uint8 [size, size]``: the steps of the module docstring."""
+    x = _working_copy(np.asarray(gray, dtype=np.uint8)).astype(np.float32)
     smooth = _smooth3(x)
     if _ink_is_dark(smooth):
         x, smooth = 255.0 - x, 255.0 - smooth
@@ -105,10 +99,21 @@ def digit_array(gray: np.ndarray, size: int) -> np.ndarray:
         raise NoInk(f"no ink found: the strongest mark is {strongest:.0f} grey levels above the background "
                     f"(noise {noise:.1f}); send a digit that stands out from the paper")
     level = max(INK_FRACTION * strongest, 4 * noise)
-    mask = (flat > level) & (smooth > level / 3)  # ink, with ink around it: a lone speck is not
+    mask = (flat > level) & (smooth > level / 3)  # bright enough, and not a lone speck: its 3x3 mean is too
     top, bottom, left, right = _ink_box(mask)
     patch = np.clip(flat[top:bottom, left:right] - 2 * noise, 0, None)
     return _place(_fit(patch, round(size * BOX_FRACTION)), size)
+
+
+def _working_copy(gray: np.ndarray) -> np.ndarray:
+    """``gray`` with its long side at most :data:`WORK_SIDE` (box filter: each working pixel averages
+    the pixels it covers, so thin strokes fade rather than vanish)."""
+    height, width = gray.shape
+    scale = WORK_SIDE / max(width, height)
+    if scale >= 1:
+        return gray
+    new = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(gray, mode="L").resize(new, Image.Resampling.BOX))
 
 
 def _ink_is_dark(smooth: np.ndarray) -> bool:

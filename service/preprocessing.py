@@ -219,8 +219,10 @@ def _open(data: bytes, max_pixels: int, draft_to: int | None = None) -> tuple[Im
     return img, canvas
 
 
-def _composite_alpha(img: Image.Image) -> Image.Image:
-    """Drop alpha by compositing onto black (so transparent pixels become 0)."""
+def _composite_alpha(img: Image.Image, onto: str = "black") -> Image.Image:
+    """Drop alpha by compositing onto black (transparent pixels become 0), or with ``onto="contrast"``
+    onto white when the visible pixels are dark: black ink on a transparent page (a drawing app's
+    export) stays visible for a digit model, white ink on one stays white on black."""
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     elif img.mode == "PA":
@@ -229,10 +231,19 @@ def _composite_alpha(img: Image.Image) -> Image.Image:
         return img.convert("RGB" if img.mode == "RGBa" else "L")
     if img.mode in ("RGBA", "LA"):
         base_mode = img.mode[:-1]
-        black = Image.new(base_mode, img.size, 0)
-        black.paste(img.convert(base_mode), mask=img.getchannel("A"))
-        return black
+        alpha, base = img.getchannel("A"), img.convert(base_mode)
+        level = 255 if onto == "contrast" and _visible_is_dark(base, alpha) else 0
+        page = Image.new(base_mode, img.size, (level,) * len(base_mode) if base_mode == "RGB" else level)
+        page.paste(base, mask=alpha)
+        return page
     return img
+
+
+def _visible_is_dark(base: Image.Image, alpha: Image.Image) -> bool:
+    """The alpha-weighted mean luminance of ``base`` is below mid-grey (a fully transparent image: no)."""
+    weights = np.asarray(alpha, dtype=np.float64)
+    total = weights.sum()
+    return bool(total) and float((np.asarray(base.convert("L"), dtype=np.float64) * weights).sum() / total) < 128
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
@@ -250,11 +261,12 @@ def _to_8bit(img: Image.Image) -> Image.Image:
 
 
 def decode_image(data: bytes, channels: int, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 draft_to: int | None = None) -> Image.Image:
+                 draft_to: int | None = None, alpha_onto: str = "black") -> Image.Image:
     """Decode ``data`` into a fully loaded ``PIL.Image`` of mode ``L`` (channels=1) or ``RGB`` (channels=3).
 
     ``draft_to``: a JPEG at least twice that many pixels on each side decodes at the smallest of
-    1/2, 1/4, 1/8 scale that keeps both sides >= ``draft_to``.
+    1/2, 1/4, 1/8 scale that keeps both sides >= ``draft_to``. ``alpha_onto``: ``black`` (the
+    contract's default) or ``contrast`` (``digit`` models: onto white when the visible pixels are dark).
 
     Raises :class:`ImageError` for empty input, non-images, formats outside
     :data:`SUPPORTED_FORMATS`, images over ``max_pixels``, truncated or otherwise corrupt files.
@@ -280,7 +292,7 @@ def decode_image(data: bytes, channels: int, *, max_pixels: int = DEFAULT_MAX_PI
     except Exception:  # unreadable EXIF: keep the stored orientation rather than refuse the image
         pass
     try:
-        img = _to_8bit(_composite_alpha(img))
+        img = _to_8bit(_composite_alpha(img, alpha_onto))
         return img.convert("L" if channels == 1 else "RGB")
     except (ValueError, OSError) as err:  # e.g. a mode Pillow cannot convert
         raise ImageError("unsupported_mode", f"cannot convert image mode {img.mode} to {'L' if channels == 1 else 'RGB'}: {err}") from err
@@ -331,12 +343,14 @@ def transform_image(img: Image.Image, size: int, resample: str = "bilinear", tra
     return to_chw_uint8(resize_image(img, size, resample))
 
 
-def transform_array(images: np.ndarray, size: int, resample: str = "bilinear", transform: str = "resize") -> np.ndarray:
-    """A dataset's ``uint8 [N, C, H, W]`` -> ``[N, C, size, size]``, each image as :func:`transform_image`
-    would transform it decoded from a lossless file (``digit``: a blank image stays blank: a
-    dataset keeps every labelled image; the service answers ``no_ink`` for it)."""
+def transform_array(images: np.ndarray, size: int, resample: str = "bilinear", transform: str = "resize",
+                    first_index: int = 0) -> np.ndarray:
+    """A dataset's ``uint8 [N, C, H, W]`` -> ``[N, C, size, size]``, each image exactly as
+    :func:`transform_image` transforms it decoded from a lossless file. ``digit``: an image without
+    ink raises :class:`~service.input_transform.NoInk` naming its index (``first_index`` + position;
+    the service answers 422 for it)."""
     if transform == "digit":
-        return np.stack([_digit_or_blank(img[0], size) for img in images])[:, None]
+        return np.stack([_digit_at(first_index + i, img[0], size) for i, img in enumerate(images)])[:, None]
     if images.shape[-2:] == (size, size):
         return images
     mode = "L" if images.shape[1] == 1 else "RGB"
@@ -345,11 +359,11 @@ def transform_array(images: np.ndarray, size: int, resample: str = "bilinear", t
     return np.stack(out)
 
 
-def _digit_or_blank(gray: np.ndarray, size: int) -> np.ndarray:
+def _digit_at(index: int, gray: np.ndarray, size: int) -> np.ndarray:
     try:
         return input_transform.digit_array(gray, size)
-    except input_transform.NoInk:
-        return np.zeros((size, size), np.uint8)
+    except input_transform.NoInk as err:
+        raise input_transform.NoInk(f"image {index}: {err}") from None
 
 
 def draft_side(image_size: int, transform: str = "resize") -> int:
@@ -370,7 +384,8 @@ def image_to_array(
 ) -> np.ndarray:
     """Encoded image bytes -> ``uint8 [channels, size, size]`` (decode, transform, layout). Large JPEGs
     decode at reduced scale, down to ``draft_side(size, transform)`` per side."""
-    img = decode_image(data, channels, max_pixels=max_pixels, draft_to=draft_side(size, transform))
+    img = decode_image(data, channels, max_pixels=max_pixels, draft_to=draft_side(size, transform),
+                       alpha_onto="contrast" if transform == "digit" else "black")
     return transform_image(img, size, resample, transform)
 
 

@@ -559,10 +559,11 @@ class Classifier:
         (it is fed the champion's preprocessed batch and compared by class index)."""
         engine, description = self._load(tag, threads=1)
         mine, theirs = self._slot.spec, engine.spec
-        if (theirs.input_shape, theirs.mean, theirs.std, theirs.classes) != (mine.input_shape, mine.mean, mine.std, mine.classes):
+        if theirs != mine:  # the whole PreprocessSpec: shape, mean/std, resize, input_transform, classes
             raise ValueError(f"the shadow model's preprocessing or classes differ from the champion's "
-                             f"({theirs.input_shape}, mean {theirs.mean}, {len(theirs.classes)} classes vs "
-                             f"{mine.input_shape}, mean {mine.mean}, {len(mine.classes)} classes)")
+                             f"({theirs.input_shape}, {theirs.input_transform}, mean {theirs.mean}, "
+                             f"{len(theirs.classes)} classes vs {mine.input_shape}, {mine.input_transform}, "
+                             f"mean {mine.mean}, {len(mine.classes)} classes)")
         return engine, description
 
     @bentoml.on_startup

@@ -163,15 +163,41 @@ def test_any_image_becomes_a_digit_input_or_no_ink(img, size):
     assert out.shape == (size, size) and out.dtype == np.uint8 and out.max() > 0
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(img=images(), fmt=st.sampled_from(["PNG", "JPEG"]))
-def test_any_encoded_image_becomes_a_digit_input_or_a_422(img, fmt):
+def in_mode(img: np.ndarray, mode: str) -> Image.Image:
+    """``img`` as a Pillow image of ``mode`` (RGBA and LA: the pixels are also the opacity)."""
+    if mode == "I;16":
+        return Image.fromarray(img.astype(np.uint16) * 257)
+    if mode in ("RGBA", "LA"):
+        gray = Image.fromarray(img)
+        return Image.merge(mode, [gray] * (len(mode) - 1) + [Image.fromarray(255 - img)])
+    return Image.fromarray(img).convert(mode)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(img=images(), fmt=st.sampled_from(["PNG", "JPEG"]), mode=st.sampled_from(["L", "RGB", "RGBA", "LA", "P", "I;16"]))
+def test_any_encoded_image_becomes_a_digit_input_or_a_422(img, fmt, mode):
+    if fmt == "JPEG" and mode not in ("L", "RGB"):
+        fmt = "PNG"  # JPEG has no alpha, palette or 16-bit samples
     try:
-        out = pp.image_to_array(encode(Image.fromarray(img), fmt), channels=1, size=28, transform="digit")
+        out = pp.image_to_array(encode(in_mode(img, mode), fmt), channels=1, size=28, transform="digit")
     except pp.ImageError as err:
         assert (err.reason, err.status) == ("no_ink", 422)
         return
     assert out.shape == (1, 28, 28) and out.dtype == np.uint8
+
+
+@pytest.mark.parametrize("ink", [0, 255])
+def test_ink_on_a_transparent_page_is_read_for_digits(mnist, ink):
+    """Black ink on a transparent PNG (a drawing app's export) is composited onto white for a digit
+    model, white ink onto black; a model without the key still composites onto black."""
+    digit = mnist.test_images[0]
+    rgba = np.zeros((28, 28, 4), np.uint8)
+    rgba[..., :3], rgba[..., 3] = ink, digit  # the ink's coverage is its opacity
+    data = encode(Image.fromarray(rgba, "RGBA"))
+    got = pp.image_to_array(data, channels=1, size=28, transform="digit")[0]
+    assert agreement(got, digit_array(digit, 28)) > 0.95
+    old = pp.image_to_array(data, channels=1, size=28)[0]
+    np.testing.assert_array_equal(old, np.rint(ink * digit.astype(np.float64) / 255).astype(np.uint8))
 
 
 def test_a_flat_image_is_always_refused_never_guessed():
@@ -227,12 +253,45 @@ def test_the_download_stage_and_the_service_make_the_same_pixels(tmp_path, data_
                                   contract.normalize(prepared.test.images, spec.mean, spec.std))
 
 
+def test_the_parity_gate_scores_the_tensors_the_service_makes(mnist):
+    """Export's parity gate runs ONNX Runtime on the prepared pixels; the service, reading the transform
+    from the exported file, makes the same tensor from the image's PNG: the same logits, bit for bit."""
+    torch = pytest.importorskip("torch")
+    from pipeline.export import export_onnx, parity_check
+    from tests.harness import contract_meta
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 26 * 26, 10)).eval()
+    meta = contract_meta("tiny", 1000, "digit")
+    model_bytes = export_onnx(model, meta, opset=17).SerializeToString()
+    raw, labels = mnist.test_images[:64], mnist.test_labels[:64]
+    prepared = pp.transform_array(raw[:, None], 28, transform="digit")
+    assert parity_check(model_bytes, model, meta, prepared, labels, 1e-4)["passed"]
+    spec = contract.PreprocessSpec.from_metadata(contract.read_metadata(model_bytes))
+    assert spec.input_transform == "digit"
+    served = pp.preprocess_batch([encode(Image.fromarray(img)) for img in raw], spec)
+    np.testing.assert_array_equal(contract.run_logits(model_bytes, served),
+                                  contract.run_logits(model_bytes, contract.normalize(prepared, spec.mean, spec.std)))
+
+
 def test_many_images_transform_the_same_in_worker_processes(mnist):
     from pipeline.download import Split, transform_split
 
     split = Split(mnist.test_images[:5000, None], mnist.test_labels[:5000])
     np.testing.assert_array_equal(transform_split(split, "digit", workers=2).images,
                                   transform_split(split, "digit", workers=1).images)
+
+
+def test_a_dataset_image_without_ink_stops_the_download_naming_it(mnist):
+    from pipeline.download import Dataset, DownloadError, Split, apply_transform
+
+    images = mnist.test_images[:6000, None].copy()
+    images[5123] = 0  # in the second worker's chunks: the index is the split's, not the chunk's
+    ds = Dataset("mnist", [str(i) for i in range(10)], Split(images, mnist.test_labels[:6000]),
+                 Split(images[:10], mnist.test_labels[:10]), "test")
+    with pytest.raises(DownloadError, match=r"mnist train split, image 5123: no ink found"):
+        apply_transform(ds, "digit")
 
 
 def test_a_model_without_the_key_is_served_exactly_as_before():
