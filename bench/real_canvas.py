@@ -2,10 +2,11 @@
 
 bench/real_corpus.py's ``drawn`` part imitates a browser canvas with Pillow; this part is the real
 thing. The digits are drawn with the mouse (``page.mouse`` down / move / up, Playwright driving
-Debian's headless Chromium, ``/usr/bin/chromium`` or ``$CHROMIUM``, as tests/service/test_service_ui*.py
-do: ``playwright install`` is never needed) on the pad of ``GET /ui`` of a running server, and the
-PNG kept is the one the page itself sent in its ``POST /classify`` (taken from the request's
-multipart body): what a user of the page sends, at device pixel ratio 1 (280x280).
+Debian's headless Chromium, ``/usr/bin/chromium`` or ``$CHROMIUM``, launched by tests/harness.py as
+for tests/service/test_service_ui*.py: ``playwright install`` is never needed) on the pad of
+``GET /ui`` of a running server, and the PNG kept is the one the page itself sent in its
+``POST /classify`` (taken from the request's multipart body): what a user of the page sends, at
+device pixel ratio 1 (280x280).
 
 Strokes: the ``drawn`` part's templates (:data:`bench.real_corpus.STROKES`) with the same per-sample
 jitter (a template variant, control points jittered by ~2.5 % of the box, slant, rotation, scale, the
@@ -20,24 +21,23 @@ the same settings keeps its drawings, anything else redraws them.
 """
 from __future__ import annotations
 
-import csv
 import functools
 import hashlib
 import io
 import itertools
 import json
-import os
 import re
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 from PIL import Image
 
-from bench.real_corpus import PARTS, STROKES, Item, chaikin, reusable
+from bench.real_corpus import PARTS, STROKES, Item, chaikin, reusable, write_labels
+from tests.harness import chromium_path, chromium_unavailable, launch_chromium, offline_page
 
 PART = "canvas"
 CANVAS_PART_ID = len(PARTS)  # the rng stream's part number: after the generated parts'
@@ -46,12 +46,6 @@ COUNT = 10 * PER_DIGIT  # drawings by default
 CANVAS_VERSION = 1  # bump when the drawings' meaning changes
 PAD_SIDE = 280  # CSS px of the pad (service/static/ui.html), the PNG's side at device pixel ratio 1
 UI_PAGE = Path(__file__).resolve().parent.parent / "service" / "static" / "ui.html"
-CHROMIUM_ARGS = [  # as tests/service/test_service_ui.py launches it, and:
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    # each mouse event waits for a frame: at 60 Hz a digit's ~30 moves take 0.5 s, unthrottled ~0.15 s
-    "--disable-frame-rate-limit", "--disable-gpu-vsync",
-]
 WAIT_MS = 10_000  # for the pad's result after a drawing
 EDGE = 0.005  # points are kept this far inside the pad (a stroke must start on it)
 STEP_PX = 12  # the mouse moves at most this far per event (a curve of 20 px radius: < 1 px off)
@@ -134,20 +128,9 @@ def sent_png(body: bytes | None, content_type: str) -> bytes:
 
 # --- the browser ------------------------------------------------------------------------------------
 
-def chromium() -> Path:
-    return Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
-
-
-def unavailable() -> str | None:
-    """Why the canvas part cannot be drawn here (no playwright, no Chromium), or None."""
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "playwright is not installed (pip install playwright; no `playwright install` needed)"
-    path = chromium()
-    if not (path.is_file() and os.access(path, os.X_OK)):
-        return f"Chromium not found at {path} (apt-get install -y chromium, or set CHROMIUM)"
-    return None
+# where Chromium is, how it is launched and why it may be missing are tests/harness.py's; asked here
+# by bench/real_inputs.py and the tests as this part's own question
+unavailable = chromium_unavailable
 
 
 @functools.lru_cache(maxsize=4)
@@ -159,88 +142,114 @@ def chromium_version(path: str) -> str:
     return out.strip().splitlines()[-1] if out.strip() else ""
 
 
+@dataclass
+class Pad:
+    """The /ui page open on the pad: its box on the page, the POST /classify requests it sent, and
+    what went wrong on it (console errors, page errors; requests to other hosts are aborted)."""
+
+    page: object
+    box: dict
+    requests: list = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def at(self, fx: float, fy: float) -> tuple[float, float]:
+        return self.box["x"] + fx * self.box["width"], self.box["y"] + fy * self.box["height"]
+
+
+def open_pad(context, url: str) -> Pad:
+    """``{url}/ui`` in a new page of `context`, ready (the model card loaded), its pad PAD_SIDE px square;
+    the page may talk to the server only (it is offline by design: anything else is blocked and noted)."""
+    confined = offline_page(context, url)  # console and page errors land in pad.problems
+    page = confined.page
+    pad = Pad(page, {}, problems=confined.problems)
+    page.on("request", lambda r: pad.requests.append(r) if r.method == "POST" and r.url.endswith("/classify")
+            else None)
+    page.goto(f"{url}/ui")
+    page.wait_for_selector("#model-version")  # the model card is loaded: the page is ready
+    page.locator("#pad").scroll_into_view_if_needed()
+    box = page.locator("#pad").bounding_box()
+    if not box or abs(box["width"] - PAD_SIDE) > 1 or abs(box["height"] - PAD_SIDE) > 1:
+        raise CanvasError(f"the pad is not {PAD_SIDE} px square on the page: {box}")
+    pad.box = box
+    return pad
+
+
+def draw_strokes(pad: Pad, strokes: Strokes) -> None:
+    """Draw `strokes` on the pad with the mouse, at most STEP_PX per mouse event."""
+    mouse = pad.page.mouse
+    for stroke in strokes:
+        mouse.move(*pad.at(*stroke[0]))
+        mouse.down()
+        for a, b in itertools.pairwise(stroke):
+            steps = max(1, int(np.ceil(np.hypot(b[0] - a[0], b[1] - a[1]) * PAD_SIDE / STEP_PX)))
+            mouse.move(*pad.at(*b), steps=steps)
+        mouse.up()
+
+
+def sent_drawing(pad: Pad, k: int, before: int) -> bytes:
+    """The PNG of drawing `k` that the page sent (its last /classify request after the first `before`),
+    once the pad shows its result; CanvasError unless it is the drawing on the pad."""
+    from playwright.sync_api import TimeoutError as PageTimeout
+
+    try:
+        pad.page.wait_for_function(
+            "() => { const r = document.getElementById('pad-result');"
+            " return ['done', 'error'].includes(r.dataset.state) && r.getAttribute('aria-busy') === 'false'; }",
+            timeout=WAIT_MS, polling=50)
+    except PageTimeout as err:
+        raise CanvasError(f"drawing {k}: no result from the pad ({err}); {pad.problems[-3:]}") from None
+    if len(pad.requests) == before:
+        raise CanvasError(f"drawing {k}: the page sent no /classify request")
+    request = pad.requests[-1]
+    png = sent_png(request.post_data_buffer, request.headers.get("content-type", ""))
+    shown = pad.page.evaluate("document.getElementById('pad').toDataURL('image/png')")
+    if not np.array_equal(_rgba(png), _rgba(_data_url_bytes(shown))):
+        raise CanvasError(f"drawing {k}: the last PNG sent is not the drawing on the pad")
+    return png
+
+
 def draw_on_canvas(url: str, items: list[tuple[int, Strokes]], out_dir: Path, *, notes: list[str] | None = None,
                    log=print) -> list[Item]:
     """Open ``{url}/ui`` in headless Chromium and, for each (digit, strokes): Clear, draw the strokes
     with the mouse, wait for the pad's result and write the PNG the page sent as
     ``out_dir/canvas-NNNNN.png``. Returns the items (part ``canvas``, label the digit)."""
-    from playwright.sync_api import TimeoutError as PageTimeout
     from playwright.sync_api import sync_playwright
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    origin = "{0.scheme}://{0.netloc}".format(urlsplit(url))
-    requests, problems, out = [], [], []
-
-    def gate(route) -> None:  # the page may talk to the server only (it is offline by design)
-        target = route.request.url
-        if target.startswith((origin, "blob:", "data:")):
-            route.continue_()
-        else:
-            problems.append(f"blocked a request to another host: {target}")
-            route.abort()
-
+    out = []
     started = time.monotonic()
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(chromium()), headless=True, args=CHROMIUM_ARGS,
-                                    timeout=60_000)
+        browser = launch_chromium(p, fast_input=True)
         try:
             context = browser.new_context(viewport={"width": 1200, "height": 900}, device_scale_factor=1)
-            page = context.new_page()
-            page.set_default_timeout(30_000)
-            page.route("**/*", gate)
-            page.on("console", lambda m: problems.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
-            page.on("pageerror", lambda err: problems.append(f"page error: {err}"))
-            page.on("request", lambda r: requests.append(r) if r.method == "POST" and r.url.endswith("/classify")
-                    else None)
-            page.goto(f"{url}/ui")
-            page.wait_for_selector("#model-version")  # the model card is loaded: the page is ready
-            page.locator("#pad").scroll_into_view_if_needed()
-            box = page.locator("#pad").bounding_box()
-            if not box or abs(box["width"] - PAD_SIDE) > 1 or abs(box["height"] - PAD_SIDE) > 1:
-                raise CanvasError(f"the pad is not {PAD_SIDE} px square on the page: {box}")
-
-            def at(fx: float, fy: float) -> tuple[float, float]:
-                return box["x"] + fx * box["width"], box["y"] + fy * box["height"]
-
+            pad = open_pad(context, url)
             for k, (digit, strokes) in enumerate(items):
-                page.click("#pad-clear")
-                before = len(requests)
-                for stroke in strokes:
-                    page.mouse.move(*at(*stroke[0]))
-                    page.mouse.down()
-                    for a, b in itertools.pairwise(stroke):
-                        steps = max(1, int(np.ceil(np.hypot(b[0] - a[0], b[1] - a[1]) * PAD_SIDE / STEP_PX)))
-                        page.mouse.move(*at(*b), steps=steps)
-                    page.mouse.up()
-                try:
-                    page.wait_for_function(
-                        "() => { const r = document.getElementById('pad-result');"
-                        " return ['done', 'error'].includes(r.dataset.state) && r.getAttribute('aria-busy') === 'false'; }",
-                        timeout=WAIT_MS, polling=50)
-                except PageTimeout as err:
-                    raise CanvasError(f"drawing {k}: no result from the pad ({err}); {problems[-3:]}") from None
-                if len(requests) == before:
-                    raise CanvasError(f"drawing {k}: the page sent no /classify request")
-                request = requests[-1]
-                png = sent_png(request.post_data_buffer, request.headers.get("content-type", ""))
-                shown = page.evaluate("document.getElementById('pad').toDataURL('image/png')")
-                with Image.open(io.BytesIO(png)) as im:
-                    size, mode = im.size, im.mode
-                    sent_pixels = np.asarray(im.convert("RGBA"))
-                with Image.open(io.BytesIO(_data_url_bytes(shown))) as im:
-                    if not np.array_equal(sent_pixels, np.asarray(im.convert("RGBA"))):
-                        raise CanvasError(f"drawing {k}: the last PNG sent is not the drawing on the pad")
-                path = out_dir / f"{PART}-{k:05d}.png"
-                path.write_bytes(png)
+                pad.page.click("#pad-clear")
+                before = len(pad.requests)
+                draw_strokes(pad, strokes)
+                png = sent_drawing(pad, k, before)
                 note = " ".join(x for x in ((notes[k] if notes else ""), f"strokes{len(strokes)}",
                                             f"chromium{browser.version}") if x)
-                out.append(Item(PART, path, str(digit), "PNG", mode, note, *size))
+                out.append(save_drawing(png, out_dir / f"{PART}-{k:05d}.png", str(digit), note))
             context.close()
         finally:
             browser.close()
     log(f"real canvas: {len(out)} digits drawn on {url}/ui in {time.monotonic() - started:.1f} s")
     return out
+
+
+def save_drawing(png: bytes, path: Path, label: str, note: str) -> Item:
+    """`png` written to `path`, as an item of the part."""
+    with Image.open(io.BytesIO(png)) as im:
+        size, mode = im.size, im.mode
+    path.write_bytes(png)
+    return Item(PART, path, label, "PNG", mode, note, *size)
+
+
+def _rgba(png: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(png)) as im:
+        return np.asarray(im.convert("RGBA"))
 
 
 def _data_url_bytes(url: str) -> bytes:
@@ -261,24 +270,16 @@ def settings(count: int, seed: int) -> dict:
         page = _sha(UI_PAGE.read_bytes())
     except OSError:
         page = ""
+    browser = chromium_path()
     return {"canvas_version": CANVAS_VERSION, "count": count, "seed": seed,
             "drawer_sha256": _sha(Path(__file__).read_bytes()),
             "strokes_sha256": _sha(json.dumps(STROKES, sort_keys=True).encode()),
-            "ui_sha256": page, "chromium": str(chromium()), "chromium_version": chromium_version(str(chromium()))}
+            "ui_sha256": page, "chromium": str(browser), "chromium_version": chromium_version(str(browser))}
 
 
 def cached(folder: Path, count: int, seed: int) -> list[Item] | None:
     """The drawings in `folder` when they were made with these settings and are all there, else None."""
     return reusable(Path(folder), settings(count, seed))
-
-
-def write_labels(folder: Path, items: list[Item]) -> None:
-    with (folder / "labels.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["part", "file", "label", "format", "mode", "note", "width", "height"])
-        for item in items:
-            writer.writerow([item.part, item.path.relative_to(folder).as_posix(), item.label or "", item.format,
-                             item.mode, item.note, item.width, item.height])
 
 
 def build(folder: Path, url: str, count: int = COUNT, seed: int = 0, log=print) -> list[Item]:

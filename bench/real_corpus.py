@@ -460,14 +460,19 @@ def build_corpus(out_dir: Path, *, per_part: int, seed: int, mnist_limit: int, m
                 size = im.size
             items.append(Item(part, path, label, enc.format, enc.mode, enc.note, *size))
         log(f"real corpus: {part}: {count} images")
-    with (out_dir / "labels.csv").open("w", newline="") as f:
+    write_labels(out_dir, items)
+    (out_dir / "manifest.json").write_text(json.dumps(wanted, indent=1) + "\n")
+    return items
+
+
+def write_labels(folder: Path, items: list[Item]) -> None:
+    """``folder/labels.csv``: one row per item, paths relative to ``folder`` (read_labels reads it)."""
+    with (folder / "labels.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["part", "file", "label", "format", "mode", "note", "width", "height"])
         for item in items:
-            writer.writerow([item.part, item.path.relative_to(out_dir).as_posix(), item.label or "", item.format,
+            writer.writerow([item.part, item.path.relative_to(folder).as_posix(), item.label or "", item.format,
                              item.mode, item.note, item.width, item.height])
-    (out_dir / "manifest.json").write_text(json.dumps(wanted, indent=1) + "\n")
-    return items
 
 
 # --- looking at it -----------------------------------------------------------------------------------

@@ -9,6 +9,8 @@
   serving alias pointing at it), ``build_tiny_onnx_model`` (a small real MNIST classifier exported by
   ``pipeline.export.export_onnx``) and ``export_with_contract``;
 - records: ``machine()``, ``versions(dists)``, ``command_line()``, ``git_state()``.
+- Chromium: ``chromium_path()``, ``CHROMIUM_ARGS`` (+ ``CHROMIUM_FAST_INPUT_ARGS``),
+  ``chromium_unavailable()`` (the skip's reason, or None), ``launch_chromium``.
 
 Standard library and numpy at import time; everything else (httpx, torch, onnx) is imported where
 it is used, so a bench that never starts a server or fits a model does not need them.
@@ -28,6 +30,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -348,3 +351,73 @@ def git_state(paths: Iterable[str] = ("service", "bench", ":!bench/results")) ->
 
     return {"commit": git("rev-parse", "HEAD"), "dirty_files": git("status", "--porcelain", "--", *paths).splitlines()}
 
+
+
+# --- Chromium: where it is and how we launch it (the browser tests, bench/real_canvas.py) ----------
+
+# Playwright drives Debian's Chromium (``executable_path``), so ``playwright install`` is never needed
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    # the machines are offline: no traffic but the page's own (and no waiting on it)
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+# each mouse event waits for a frame: at 60 Hz a digit's ~30 moves take 0.5 s, unthrottled ~0.15 s
+CHROMIUM_FAST_INPUT_ARGS = ["--disable-frame-rate-limit", "--disable-gpu-vsync"]
+
+
+def chromium_path() -> Path:
+    """Debian's ``/usr/bin/chromium``, or ``$CHROMIUM``; read at each call, as tests point it elsewhere."""
+    return Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
+
+
+def chromium_unavailable() -> str | None:
+    """Why a browser cannot be driven here (no playwright, no Chromium), or None: the skip's reason."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright is not installed (pip install playwright; no `playwright install` needed)"
+    path = chromium_path()
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        return f"Chromium not found at {path} (apt-get install -y chromium, or set CHROMIUM)"
+    return None
+
+
+def launch_chromium(playwright, *, fast_input: bool = False):
+    """Headless Chromium from a ``sync_playwright()`` handle; `fast_input`: mouse events unthrottled
+    (CHROMIUM_FAST_INPUT_ARGS), for drawing many digits."""
+    args = CHROMIUM_ARGS + (CHROMIUM_FAST_INPUT_ARGS if fast_input else [])
+    return playwright.chromium.launch(executable_path=str(chromium_path()), headless=True, args=args,
+                                      timeout=60_000)
+
+
+@dataclass
+class OfflinePage:
+    """A Playwright page that may talk to one origin only (the service's page fetches nothing else):
+    other requests are aborted and listed in ``foreign``; console errors and page errors in ``problems``."""
+
+    page: Any
+    foreign: list[str]
+    problems: list[str]
+
+
+def offline_page(context, origin_url: str, timeout_ms: int = 30_000) -> OfflinePage:
+    """A new page of `context` confined to `origin_url`'s scheme://host:port (and blob:/data: URLs)."""
+    from urllib.parse import urlsplit
+
+    origin = "{0.scheme}://{0.netloc}".format(urlsplit(origin_url))
+    page = context.new_page()
+    page.set_default_timeout(timeout_ms)
+    out = OfflinePage(page, [], [])
+
+    def gate(route) -> None:
+        url = route.request.url
+        if url.startswith((origin, "blob:", "data:")):
+            route.continue_()
+        else:
+            out.foreign.append(url)
+            route.abort()
+
+    page.route("**/*", gate)
+    page.on("console", lambda msg: out.problems.append(f"console.{msg.type}: {msg.text}") if msg.type == "error" else None)
+    page.on("pageerror", lambda err: out.problems.append(f"page error: {err}"))
+    return out

@@ -9,6 +9,8 @@
 - ``bento_home``: a temporary BentoML home holding that model (stored via ``pipeline/bento_store.py``
   in a subprocess, so this process' BentoML configuration and the user's store are untouched).
 - ``server``: ONE real ``bentoml serve service.service:Classifier`` per session on a free port.
+- ``browser``: Debian's headless Chromium through Playwright (tests.harness.launch_chromium), per
+  module; the tests that need it skip, saying why, where Chromium or playwright is missing.
 - ``digit_onnx_model`` / ``digit_server``: the same tiny CNN trained on digits as the download stage
   prepares them and declaring ``input_transform: digit`` (MNIST's recipe for photos of digits), and
   one server of it per session (the ``server`` above keeps a model from before the key).
@@ -20,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from svc_support import serve, store_test_model  # helpers live there so test modules can import them too
-from tests.harness import Mnist, MissingData, build_tiny_onnx_model, export_with_contract, load_mnist
+from tests.harness import (Mnist, MissingData, build_tiny_onnx_model, chromium_unavailable, export_with_contract,
+                           launch_chromium, load_mnist)
 
 
 @pytest.fixture(scope="session")
@@ -99,6 +102,20 @@ def bento_home(tiny_onnx_model: Path, tmp_path_factory) -> tuple[Path, str]:
     home = tmp_path_factory.mktemp("bentoml_home")
     tag = store_test_model(tiny_onnx_model, home)
     return home, tag
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if reason := chromium_unavailable():
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = launch_chromium(p)
+        try:
+            yield b
+        finally:
+            b.close()
 
 
 @pytest.fixture(scope="session")

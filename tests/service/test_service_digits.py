@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
-
 import svc_images
-from service.contract import softmax
+from PIL import Image
+from test_service_http import files
+
+from service.contract import normalize, softmax
 from service.engine import OnnxClassifier
-from service.preprocessing import preprocess_batch, resize_image, decode_image, to_chw_uint8
+from service.preprocessing import (
+    decode_image,
+    preprocess_batch,
+    resize_image,
+    to_chw_uint8,
+)
 from tests.test_input_transform import on_paper
 
 httpx = pytest.importorskip("httpx")
 pytestmark = [pytest.mark.integration]
-
-
-def files(*items: tuple[str, bytes]) -> list:
-    return [("images", (name, data, "application/octet-stream")) for name, data in items]
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +79,6 @@ def test_the_model_that_predates_the_key_misreads_them_as_before(server, photos,
     assert resp.status_code == 200, resp.text
     offline = OnnxClassifier(tiny_onnx_model, providers="cpu", intra_op_threads=1)
     squashed = np.stack([to_chw_uint8(resize_image(decode_image(d, 1, draft_to=112), 28)) for _, d, _ in photos])
-    from service.contract import normalize
     expected = softmax(offline.logits(normalize(squashed, offline.spec.mean, offline.spec.std)))
     np.testing.assert_allclose(scores(resp.json()), expected, atol=1e-5)
 

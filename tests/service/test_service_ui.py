@@ -13,24 +13,17 @@ import base64
 import json
 import os
 import shutil
-from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import svc_images
-from tests.harness import REPO
+from tests.harness import REPO, offline_page
 
 httpx = pytest.importorskip("httpx")
 pytestmark = [pytest.mark.integration]
 
-CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
 DOCS_SCREENSHOT = REPO / "docs" / "img" / "ui.png"
 TOP_K = 5  # what the page asks for
 DIGITS = [0, 1, 2, 3]  # MNIST test images 0..3: digits 7, 2, 1, 0
@@ -84,47 +77,16 @@ def test_bentofile_ships_the_page():
 
 # --- the page in a real browser --------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed (pip install playwright; no `playwright install` needed)")
-    if not (CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK)):
-        pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install -y chromium, or set CHROMIUM)")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS, timeout=60_000)
-        try:
-            yield b
-        finally:
-            b.close()
-
-
 @pytest.fixture
 def page(browser, server):
     """A fresh page that may talk to the server only: any other request is aborted and recorded."""
-    origin = "{0.scheme}://{0.netloc}".format(urlsplit(server.url))
     context = browser.new_context(viewport={"width": 1200, "height": 900}, device_scale_factor=1)
-    pg = context.new_page()
-    pg.set_default_timeout(30_000)
-    foreign, problems = [], []
-
-    def gate(route):
-        url = route.request.url
-        if url.startswith(origin) or url.startswith(("blob:", "data:")):
-            route.continue_()
-        else:
-            foreign.append(url)
-            route.abort()
-
-    pg.route("**/*", gate)
-    pg.on("console", lambda msg: problems.append(f"console.{msg.type}: {msg.text}") if msg.type == "error" else None)
-    pg.on("pageerror", lambda err: problems.append(f"page error: {err}"))
-    pg.goto(f"{server.url}/ui")
-    yield pg
+    confined = offline_page(context, server.url)
+    confined.page.goto(f"{server.url}/ui")
+    yield confined.page
     context.close()
-    assert not foreign, f"the page requested other hosts: {foreign}"
-    assert not [p for p in problems if "Failed to load resource" not in p], problems
+    assert not confined.foreign, f"the page requested other hosts: {confined.foreign}"
+    assert not [p for p in confined.problems if "Failed to load resource" not in p], confined.problems
 
 
 def wait_settled(page, count: int) -> None:

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import re
 import time
-from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from test_service_ui import CHROMIUM, CHROMIUM_ARGS, TOP_K
+from test_service_ui import TOP_K
+from tests.harness import offline_page
 
 httpx = pytest.importorskip("httpx")
 pytestmark = [pytest.mark.integration]
@@ -35,22 +34,6 @@ ZERO = [[(0.5 + 0.22 * np.sin(t), 0.5 - 0.33 * np.cos(t)) for t in np.linspace(0
 def client(server):
     with httpx.Client(base_url=server.url, timeout=60) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed (pip install playwright; no `playwright install` needed)")
-    if not (CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK)):
-        pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install -y chromium, or set CHROMIUM)")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS, timeout=60_000)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 class Pad:
@@ -185,27 +168,16 @@ def assert_ink(img: np.ndarray) -> None:
 
 def pad_opener(browser, server):
     """opener(**context options) -> Pad: a fresh page at `server`'s /ui, its model card loaded."""
-    origin = "{0.scheme}://{0.netloc}".format(urlsplit(server.url))
-    contexts, foreign, problems = [], [], []
-
-    def gate(route):
-        url = route.request.url
-        if url.startswith(origin) or url.startswith(("blob:", "data:")):
-            route.continue_()
-        else:
-            foreign.append(url)
-            route.abort()
+    contexts, pages = [], []
 
     def opener(**options) -> Pad:
         options = {"viewport": {"width": 1200, "height": 900}, "device_scale_factor": 1, **options}
         context = browser.new_context(**options)
         contexts.append(context)
-        page = context.new_page()
-        page.set_default_timeout(30_000)
+        confined = offline_page(context, server.url)
+        pages.append(confined)
+        page = confined.page
         pad = Pad(page)
-        page.route("**/*", gate)
-        page.on("console", lambda msg: problems.append(f"console.{msg.type}: {msg.text}") if msg.type == "error" else None)
-        page.on("pageerror", lambda err: problems.append(f"page error: {err}"))
         page.on("request", lambda r: pad.requests.append(r) if r.method == "POST" and r.url.endswith("/classify") else None)
         page.goto(f"{server.url}/ui")
         page.wait_for_selector("#model-version")  # the class count is known: top_k=5
@@ -217,8 +189,10 @@ def pad_opener(browser, server):
     yield opener
     for context in contexts:
         context.close()
+    foreign = [url for confined in pages for url in confined.foreign]
+    problems = [p for confined in pages for p in confined.problems if "Failed to load resource" not in p]
     assert not foreign, f"the page requested other hosts: {foreign}"
-    assert not [p for p in problems if "Failed to load resource" not in p], problems
+    assert not problems, problems
 
 
 @pytest.fixture
