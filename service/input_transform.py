@@ -54,6 +54,10 @@ BACKGROUND_CELLS = 8
 #: the percentile of a cell's pixels (ink bright) taken as its paper: a bold digit filling the
 #: picture still leaves a tenth of most cells bare
 PAPER_PERCENTILE = 10
+#: ink along at least this share of the picture's edge cells is a frame (a desk around the page),
+#: found on a grid of FRAME_CELL x FRAME_CELL px cells
+FRAME_PERIMETER = 0.25
+FRAME_CELL = 4
 
 
 def _quantile(x: np.ndarray, q: float) -> float:
@@ -100,7 +104,7 @@ def digit_array(gray: np.ndarray, size: int) -> np.ndarray:
                     f"(noise {noise:.1f}); send a digit that stands out from the paper")
     level = max(INK_FRACTION * strongest, 4 * noise)
     mask = (flat > level) & (smooth > level / 3)  # bright enough, and not a lone speck: its 3x3 mean is too
-    top, bottom, left, right = _ink_box(mask)
+    top, bottom, left, right = _ink_box(_without_frame(mask))
     patch = np.clip(flat[top:bottom, left:right] - 2 * noise, 0, None)
     return _place(_fit(patch, round(size * BOX_FRACTION)), size)
 
@@ -148,7 +152,7 @@ def _background(x: np.ndarray) -> np.ndarray | np.float32:
     cy, cx = np.mgrid[0:ny, 0:nx]
     yy, xx = ((cy.ravel() + 0.5) * ch / h - 0.5), ((cx.ravel() + 0.5) * cw / w - 0.5)
     basis = lambda u, v: np.stack([np.ones_like(u), u, v, u * u + v * v], axis=1)  # noqa: E731  plane + vignette
-    keep = np.ones(len(medians), bool)
+    keep = medians <= np.quantile(medians, 0.7)  # start from the barer half: ink, or a desk around the page, raise the rest
     for _ in range(3):  # cells the ink raised lie far above the surface: drop them, refit
         coef, *_ = np.linalg.lstsq(basis(yy[keep], xx[keep]), medians[keep], rcond=None)
         resid = medians - basis(yy, xx) @ coef
@@ -158,6 +162,35 @@ def _background(x: np.ndarray) -> np.ndarray | np.float32:
             return np.float32(np.median(medians))
     gy, gx = np.mgrid[0:h, 0:w].astype(np.float32)
     return (basis((gy / h - 0.5).ravel(), (gx / w - 0.5).ravel()) @ coef).reshape(h, w).astype(np.float32)
+
+
+def _without_frame(mask: np.ndarray) -> np.ndarray:
+    """``mask`` less the ink connected to the picture's edge along a quarter of its perimeter or more:
+    the desk or the dark margin around a photographed page, not a digit that touches the edge (it
+    touches a short stretch). Flood-filled on a 4x coarser grid; the mask itself when nothing else is left."""
+    h, w = mask.shape
+    if max(h, w) < 48:
+        return mask
+    coarse = np.pad(mask, ((0, -h % FRAME_CELL), (0, -w % FRAME_CELL)))
+    coarse = coarse.reshape(coarse.shape[0] // FRAME_CELL, FRAME_CELL, -1, FRAME_CELL).any(axis=(1, 3))
+    edge = np.zeros_like(coarse)
+    edge[[0, -1], :], edge[:, [0, -1]] = True, True
+    reach = coarse & edge
+    if reach.sum() < FRAME_PERIMETER * edge.sum():
+        return mask
+    for _ in range(coarse.shape[0] + coarse.shape[1]):  # grow through the mask, 4-neighbours per step
+        grown = reach.copy()
+        grown[1:] |= reach[:-1]
+        grown[:-1] |= reach[1:]
+        grown[:, 1:] |= reach[:, :-1]
+        grown[:, :-1] |= reach[:, 1:]
+        grown &= coarse
+        if (grown == reach).all():
+            break
+        reach = grown
+    frame = np.repeat(np.repeat(reach, FRAME_CELL, axis=0), FRAME_CELL, axis=1)[:h, :w]
+    inside = mask & ~frame
+    return inside if inside.any() else mask
 
 
 def _ink_box(mask: np.ndarray) -> tuple[int, int, int, int]:

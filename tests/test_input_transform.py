@@ -104,6 +104,18 @@ def test_uneven_light_and_a_far_away_speck_do_not_move_the_digit(mnist):
     assert agreement(digit_array(specked.astype(np.uint8), 28), flat) > 0.95
 
 
+def test_a_page_photographed_on_a_dark_desk_is_read_inside_the_page(mnist):
+    """The desk around the page (a frame of 'ink' along the picture's edge) is not the digit, while the
+    page fills most of the picture (README: below ~60 % of it, crop to the paper first)."""
+    rng = np.random.default_rng(4)
+    for i in (1, 3, 9):
+        page = np.asarray(on_paper(mnist.test_images[i], rng, canvas=(800, 600), height=150, gradient=20), np.float32)
+        desk = np.full((760, 1000), 45, np.float32) + rng.normal(0, 6, (760, 1000))
+        desk[100:700, 120:920] = page
+        photo = np.clip(desk, 0, 255).astype(np.uint8)
+        assert agreement(digit_array(photo, 28), digit_array(page.astype(np.uint8), 28)) > 0.8, i
+
+
 def test_the_same_digit_at_any_size_and_margin_gives_the_same_input(mnist):
     rng = np.random.default_rng(2)
     digit = mnist.test_images[7]
