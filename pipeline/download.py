@@ -18,7 +18,6 @@ import gzip
 import hashlib
 import json
 import multiprocessing
-import os
 import shutil
 import socket
 import sys
@@ -257,10 +256,11 @@ def transform_split(split: Split, transform: str, workers: int = 0) -> Split:
     """``split``'s images through the service's ``input_transform`` (service.preprocessing.transform_array),
     in ``workers`` processes (0: one per usable core) when there are many: MNIST's 70,000 digits
     take ~0.4 ms each on one core."""
+    from service.cpus import usable_cpus
     from service.preprocessing import transform_array
 
     images, size = split.images, split.images.shape[-1]
-    workers = workers or len(os.sched_getaffinity(0))
+    workers = workers or usable_cpus()
     if transform != "digit" or workers < 2 or len(images) < 5000:  # resize, crop: the identity at this size
         return Split(transform_array(images, size, transform=transform), split.labels)
     chunks = np.array_split(images, workers * 4)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import create_model, summarize
+from service.cpus import usable_cpus
 
 from . import atomic, stage, tracking
 from .download import Split, load_card, load_prepared, stratified_split
@@ -88,9 +89,10 @@ def amp_dtype(p: TrainParams, device: torch.device) -> torch.dtype | None:
 
 
 def configure_threads(ctx: DistContext) -> None:
-    """Split the cores between the processes of this node so they don't oversubscribe the CPU."""
+    """Split the CPUs this process may use (affinity, cgroup quota: service.cpus) between the processes
+    of this node so they don't oversubscribe the CPU."""
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    torch.set_num_threads(max(1, usable_cpus() // max(1, local_world)))
 
 
 # --- data on the device -----------------------------------------------------------------------------

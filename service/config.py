@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
+from .cpus import usable_cpus
 from .preprocessing import MIN_DEFAULT_PIXELS, PIXELS_PER_INPUT_PIXEL
 
 #: name -> (default, description); the README table is generated from this.
@@ -128,7 +129,7 @@ class ServiceConfig:
     shadow_rate: float = 0.1
     providers: str = "auto"
     ort_threads: int = 0
-    workers: int = 0  # 0 -> cpu_count, resolved by from_env
+    workers: int = 0  # 0 -> cpu_count (the CPUs this process may use), resolved by from_env
     max_batch_size: int = 64
     max_latency_ms: int = 5000
     keepalive_requests: int = 20
@@ -146,7 +147,7 @@ class ServiceConfig:
     refusal_rate: float = 10.0  # 0 = no penalty box
     refusal_burst: int = 50
     refusal_max_delay_s: float = 5.0
-    cpu_count: int = field(default_factory=lambda: os.cpu_count() or 1)
+    cpu_count: int = field(default_factory=usable_cpus)  # affinity and cgroup quota, not the host's cores
 
     @property
     def intra_op_threads(self) -> int:
@@ -173,7 +174,7 @@ class ServiceConfig:
         _check_names(env)
         providers = env.get("CLASSIFIER_PROVIDERS", "").strip() or "auto"
         max_batch_size = _int(env, "CLASSIFIER_MAX_BATCH_SIZE", 1)
-        cpu_count = os.cpu_count() or 1
+        cpu_count = usable_cpus()
         return cls(
             model_name=name,
             model_version=version,

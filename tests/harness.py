@@ -300,10 +300,10 @@ def cpu_model() -> str:
 
 
 def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    """The CPUs this process may use (service.cpus: affinity and cgroup quota)."""
+    from service.cpus import usable_cpus
+
+    return usable_cpus()
 
 
 def load_average() -> list[float] | None:
