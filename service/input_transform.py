@@ -14,14 +14,16 @@ existed:
   1. work on a copy whose long side is at most :data:`WORK_SIDE` (a 4032x3024 photo costs like 256x192);
   2. polarity from the image itself: the ink is the minority that lies farther from the median
      (dark pen on light paper is inverted; white-on-black MNIST is kept);
-  3. the background (paper, uneven light) is the median of a coarse grid of cells, fitted with a
-     plane and a radial term after dropping the cells the ink raised, and subtracted;
+  3. the background (paper, uneven light) is the 10th percentile of each cell of a coarse grid,
+     fitted with a plane and a radial term (started from the barest 70 % of the cells, refitted
+     without the cells the ink raised), and subtracted;
   4. noise level from the median absolute deviation; no ink when the strongest ink is weaker than
      :data:`MIN_INK` grey levels or :data:`MIN_SNR` noise levels: :class:`NoInk` (the service's
      422 ``no_ink``), never a digit guessed from paper texture;
   5. the ink's bounding box from the rows and columns that hold ink (3x3-smoothed, so JPEG specks
-     do not count), keeping the run with the most ink and the runs close to it (a stray mark far
-     away is not part of the digit, a detached bar of a 5 is);
+     do not count), less ink running along a quarter of the picture's edge (a desk around the page),
+     keeping the run with the most ink and the runs close to it (a stray mark far away is not part
+     of the digit, a detached bar of a 5 is);
   6. fit the box into ``20/28`` of the side keeping the aspect ratio (antialiased), stretch the
      stroke's core to 255, and place it by its centre of mass at the centre (MNIST's 14, 14).
 
@@ -152,7 +154,7 @@ def _background(x: np.ndarray) -> np.ndarray | np.float32:
     cy, cx = np.mgrid[0:ny, 0:nx]
     yy, xx = ((cy.ravel() + 0.5) * ch / h - 0.5), ((cx.ravel() + 0.5) * cw / w - 0.5)
     basis = lambda u, v: np.stack([np.ones_like(u), u, v, u * u + v * v], axis=1)  # noqa: E731  plane + vignette
-    keep = medians <= np.quantile(medians, 0.7)  # start from the barer half: ink, or a desk around the page, raise the rest
+    keep = medians <= np.quantile(medians, 0.7)  # start from the barest 70 %: ink, or a desk around the page, raise the rest
     for _ in range(3):  # cells the ink raised lie far above the surface: drop them, refit
         coef, *_ = np.linalg.lstsq(basis(yy[keep], xx[keep]), medians[keep], rcond=None)
         resid = medians - basis(yy, xx) @ coef

@@ -53,6 +53,7 @@ __all__ = [
     "pixel_limit",
     "preprocess_batch",
     "read_header",
+    "resample_filter",
     "resize_image",
     "spec_to_array",
     "to_chw_uint8",
@@ -309,13 +310,19 @@ def _load_error(err: Exception) -> ImageError:
     return ImageError("corrupt", f"image data is corrupt: {text or type(err).__name__}")
 
 
-def resize_image(img: Image.Image, size: int, resample: str = "bilinear") -> Image.Image:
-    """Resize to ``size x size`` with the named filter; returns ``img`` itself when already that size."""
+def resample_filter(resample: str) -> Image.Resampling:
+    """The Pillow filter of a contract ``resize`` name; ``ValueError`` naming the bad one."""
     if resample not in RESAMPLE_FILTERS:
         raise ValueError(f"resample must be one of {sorted(RESAMPLE_FILTERS)}, got {resample!r}")
+    return RESAMPLE_FILTERS[resample]
+
+
+def resize_image(img: Image.Image, size: int, resample: str = "bilinear") -> Image.Image:
+    """Resize to ``size x size`` with the named filter; returns ``img`` itself when already that size."""
+    flt = resample_filter(resample)
     if img.size == (size, size):
         return img
-    return img.resize((size, size), resample=RESAMPLE_FILTERS[resample])
+    return img.resize((size, size), resample=flt)
 
 
 def to_chw_uint8(img: Image.Image) -> np.ndarray:
@@ -335,9 +342,7 @@ def transform_image(img: Image.Image, size: int, resample: str = "bilinear", tra
         except input_transform.NoInk as err:
             raise ImageError("no_ink", str(err)) from err
     if transform == "crop":
-        if resample not in RESAMPLE_FILTERS:
-            raise ValueError(f"resample must be one of {sorted(RESAMPLE_FILTERS)}, got {resample!r}")
-        return to_chw_uint8(input_transform.center_crop(img, size, RESAMPLE_FILTERS[resample]))
+        return to_chw_uint8(input_transform.center_crop(img, size, resample_filter(resample)))
     if transform != "resize":
         raise ValueError(f"input_transform must be one of {input_transform.INPUT_TRANSFORMS}, got {transform!r}")
     return to_chw_uint8(resize_image(img, size, resample))
