@@ -20,12 +20,23 @@ from pathlib import Path
 
 import numpy as np
 
-from .contract import normalize
+from .contract import PreprocessSpec, normalize
 from .engine import OnnxClassifier
 from .postprocessing import predictions
 from .preprocessing import DEFAULT_MAX_PIXELS, ImageError, spec_to_array
 
-__all__ = ["Predictor", "ImageError"]
+__all__ = ["Predictor", "ImageError", "prepare"]
+
+
+def prepare(data: bytes, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> "np.ndarray | ImageError":
+    """Encoded bytes -> ``uint8 [C, H, W]``, or the image's :class:`ImageError` (returned, not raised:
+    callers decode many images, in worker processes too, and report each bad one)."""
+    try:
+        return spec_to_array(data, spec, max_pixels=max_pixels)
+    except ImageError as err:
+        return err
+    except Exception as err:  # noqa: BLE001  (a decoder bug is this file's problem, as in the service)
+        return ImageError("corrupt", f"cannot decode image: {type(err).__name__}: {err}")
 
 
 class Predictor:
@@ -42,14 +53,8 @@ class Predictor:
         return self.spec.classes
 
     def prepare(self, data: bytes) -> "np.ndarray | ImageError":
-        """Encoded bytes -> ``uint8 [C, H, W]``, or the image's :class:`ImageError` (returned, not raised:
-        callers decode many images in a pool and report each bad one)."""
-        try:
-            return spec_to_array(data, self.spec, max_pixels=self.max_pixels)
-        except ImageError as err:
-            return err
-        except Exception as err:  # noqa: BLE001  (a decoder bug is this file's problem, as in the service)
-            return ImageError("corrupt", f"cannot decode image: {type(err).__name__}: {err}")
+        """:func:`prepare` with this model's spec."""
+        return prepare(data, self.spec, self.max_pixels)
 
     def classify_arrays(self, arrays: Sequence[np.ndarray], top_k: int = 1) -> list[dict]:
         """Prepared ``uint8 [C, H, W]`` arrays -> one answer per array (one ONNX Runtime call)."""

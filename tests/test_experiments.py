@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,35 @@ class Repo:
     def dvc(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
         return self.run(str(Path(sys.executable).with_name("dvc")), *args, **kwargs)
 
+    def start_queue(self, jobs: int) -> str:
+        """`dvc queue start` returns at once, but its detached workers inherit its stdout and stderr:
+        read through pipes, the call lasts until every worker exits (all tasks done, or never for a
+        worker that hangs on shutdown: the 900 s timeout of a CI run on 2026-12-01). A file instead."""
+        log = self.path.parent / "queue-start.log"
+        with log.open("w") as out:
+            done = subprocess.run([str(Path(sys.executable).with_name("dvc")), "queue", "start", "-j", str(jobs)],
+                                  cwd=self.path, env=self.env(), stdout=out, stderr=subprocess.STDOUT, timeout=120)
+        text = log.read_text()
+        assert done.returncode == 0 and "Traceback" not in text, text[-4000:]
+        return text
+
+    def wait_for_queue(self, timeout_s: float = 900) -> str:
+        """`dvc queue status` once nothing is queued or running; on timeout, the status and the logs of
+        the experiments still running."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = self.dvc("queue", "status").stdout
+            if "Queued" not in status and "Running" not in status:
+                return status
+            if time.monotonic() > deadline:
+                running = [line.split()[1] for line in status.splitlines() if "Running" in line and len(line.split()) > 1]
+                logs = {name: self.dvc("queue", "logs", name, check=False).stdout[-2000:] for name in running}
+                raise AssertionError(f"queue still busy after {timeout_s:.0f} s:\n{status}\n{logs}")
+            time.sleep(3)
+
+    def stop_queue(self) -> None:
+        self.dvc("queue", "stop", "--kill", check=False, timeout=120)
+
     def git(self, *args: str) -> str:
         return self.run("git", *args).stdout
 
@@ -67,7 +97,7 @@ class Repo:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Repo:
+def repo(tmp_path_factory) -> Iterator[Repo]:
     path = tmp_path_factory.mktemp("exp-repo")
     for name in CODE:
         src = REPO_ROOT / name
@@ -88,7 +118,8 @@ def repo(tmp_path_factory) -> Repo:
     repo.dvc("repro")
     repo.git("add", "-A")
     repo.git("commit", "-qm", "baseline")
-    return repo
+    yield repo
+    repo.stop_queue()  # no worker outlives the tests, whatever failed
 
 
 def test_experiments_in_every_mode_share_one_store_and_only_the_workspace_promotes(repo):
@@ -101,16 +132,10 @@ def test_experiments_in_every_mode_share_one_store_and_only_the_workspace_promot
 
     repo.dvc("exp", "run", "--queue", "-n", "queued-a", "-S", "models.mlp.lr=0.03")
     repo.dvc("exp", "run", "--queue", "-n", "queued-b", "-S", "models.mlp.lr=0.04")
-    repo.dvc("queue", "start", "-j", "2")
-    deadline = time.monotonic() + 900
-    while True:
-        status = repo.dvc("queue", "status").stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        assert time.monotonic() < deadline, status
-        time.sleep(3)
+    repo.start_queue(2)
+    status = repo.wait_for_queue()
     assert "Failed" not in status, (status, repo.dvc("queue", "logs", "queued-a", check=False).stdout[-4000:])
-    repo.dvc("queue", "stop", check=False)
+    repo.stop_queue()
     assert repo.champion() == baseline_champion, "a queued experiment moved the champion"
 
     tags = repo.runs_by_experiment_tag()

@@ -1,0 +1,418 @@
+"""Batch prediction: classify folders, files and globs offline, with the service's own steps.
+
+    imgcls predict PATH... [--model models:/image-classifier@champion | FILE.onnx] [-o out.csv|out.jsonl]
+                   [--top-k K] [--batch-size N] [--workers N] [--metrics metrics.json]
+    python -m pipeline.predict ...          # the same
+
+Every image goes through ``service.predictor.Predictor``: the decoding, ``input_transform``,
+normalization, ONNX Runtime session and answer shape of the HTTP service, so a file gets the label and
+score it gets over HTTP. Folders are searched recursively for image files (by extension); files named
+on the command line are always tried. A file that cannot be used (not an image, truncated, a blank page
+for a digit model) is reported on stderr and in the output with its reason, and skipped: the run goes on.
+
+When the input is one folder shaped like an ImageFolder (every image in a class subfolder named after
+one of the model's classes), the labels are the folder names and the run also prints accuracy and a
+confusion matrix (and writes them with ``--metrics``).
+
+Speed: ``--workers`` processes decode while the main process runs ONNX Runtime on every core the
+process may use (``service.cpus``); decoding of batch i+1 overlaps inference of batch i.
+Output is written atomically; without ``-o`` the CSV goes to stdout. Exit codes: the stages' table
+(``pipeline.stage``): 0 done (skipped files included, counted in the summary), 2 bad arguments (a path
+that does not exist, nothing to classify, a bad model reference), 3 the MLflow store is unusable.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import io
+import json
+import multiprocessing
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from service.contract import MODEL_FILE, PreprocessSpec, read_metadata
+from service.cpus import usable_cpus
+from service.predictor import DEFAULT_MAX_PIXELS, ImageError, Predictor, prepare
+
+from . import atomic, stage
+
+#: what a folder search picks up (files named on the command line are tried whatever their name)
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
+GLOB_CHARS = frozenset("*?[")
+#: files handed to a decode worker at a time: large enough that a task's pickling (~50 us) is noise
+#: next to its decoding (32x32 JPEG ~60 us, 28x28 PNG with ``digit`` ~250 us), small enough to keep order cheap
+CHUNK = 64
+#: below this many files, decoding in-process beats starting worker processes (~0.1 s each)
+POOL_MIN_FILES = 512
+
+
+class PredictError(stage.StageError):
+    """A bad argument: the message names it (exit 2)."""
+
+
+# --- inputs ----------------------------------------------------------------------------------------
+
+def _expand(arg: str) -> list[Path]:
+    path = Path(arg)
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                      and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if path.is_file():
+        return [path]
+    if GLOB_CHARS & set(arg):
+        found = sorted(Path(p) for p in glob.glob(arg, recursive=True) if Path(p).is_file())
+        if found:
+            return found
+        raise PredictError(f"{arg!r}: the pattern matches no file")
+    raise PredictError(f"{arg!r}: no such file or folder")
+
+
+def collect_inputs(args: Sequence[str]) -> list[Path]:
+    """Every file the arguments name (folders recursively, globs expanded), in order, each once."""
+    seen, files = set(), []
+    for arg in args:
+        for path in _expand(arg):
+            key = path.resolve()
+            if key not in seen:
+                seen.add(key)
+                files.append(path)
+    if not files:
+        raise PredictError(f"no image files in {', '.join(map(repr, args))} (searched for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files
+
+
+def folder_labels(args: Sequence[str], files: Sequence[Path], classes: Sequence[str]) -> list[str | None] | None:
+    """The class-subfolder name of each file when the input is one ImageFolder-shaped folder (every file in a
+    subfolder, at least one subfolder named after a model class), else None."""
+    if len(args) != 1 or not Path(args[0]).is_dir():
+        return None
+    root = Path(args[0])
+    parts = [p.relative_to(root).parts for p in files]
+    if any(len(rel) < 2 for rel in parts) or not {rel[0] for rel in parts} & set(classes):
+        return None
+    return [rel[0] if rel[0] in classes else None for rel in parts]
+
+
+# --- decoding in worker processes ------------------------------------------------------------------
+
+_SPEC: tuple | None = None  # a worker's (PreprocessSpec, max_pixels)
+
+
+def _init_worker(spec: PreprocessSpec, max_pixels: int) -> None:
+    global _SPEC
+    _SPEC = spec, max_pixels
+
+
+def _prepare_files(paths: Sequence[str], spec: tuple | None = None) -> list:
+    """Each file -> ``uint8 [C, H, W]`` or ``(reason, message)``: what crosses the process boundary."""
+    spec, max_pixels = spec or _SPEC
+    out = []
+    for path in paths:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as err:
+            out.append(("unreadable", f"cannot read: {err.strerror or err}"))
+            continue
+        item = prepare(data, spec, max_pixels)
+        out.append((item.reason, item.message) if isinstance(item, ImageError) else item)
+    return out
+
+
+class Decoder:
+    """Files -> prepared arrays or ``(reason, message)``, in order. With ``workers`` > 0 (and enough files)
+    that many processes decode ahead of the consumer; they are started on entry, before the caller opens
+    its ONNX Runtime session, so no process forks a live session's threads."""
+
+    def __init__(self, spec: PreprocessSpec, workers: int, files: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        self.spec, self.max_pixels = spec, max_pixels
+        self.workers = workers if files >= POOL_MIN_FILES else 0
+        self.pool = None
+
+    def __enter__(self) -> "Decoder":
+        if self.workers > 0:
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            self.pool = multiprocessing.get_context(method).Pool(self.workers, _init_worker, (self.spec, self.max_pixels))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+    def __call__(self, files: Sequence[Path]) -> Iterator:
+        chunks = [[str(p) for p in files[i:i + CHUNK]] for i in range(0, len(files), CHUNK)]
+        if self.pool is None:
+            for chunk in chunks:
+                yield from _prepare_files(chunk, (self.spec, self.max_pixels))
+            return
+        for result in self.pool.imap(_prepare_files, chunks):
+            yield from result
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+@dataclass
+class Outcome:
+    """One row of the output: a prediction or the file's error."""
+
+    path: str
+    answer: dict | None = None
+    reason: str | None = None
+    error: str | None = None
+    truth: str | None = None
+
+
+@dataclass
+class Summary:
+    classified: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    labelled: int = 0
+    correct: int = 0
+    confusion: dict = field(default_factory=dict)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.classified / self.seconds if self.seconds else 0.0
+
+
+def predict_files(predictor: Predictor, decoded: Iterator, files: Sequence[Path], *, top_k: int = 1,
+                  batch_size: int = 256, progress=None) -> Iterator[Outcome]:
+    """Outcomes in file order: ``decoded`` (a :class:`Decoder`'s output for ``files``) classified
+    ``batch_size`` at a time."""
+    batch: list[tuple[int, np.ndarray]] = []
+    pending: dict[int, Outcome] = {}
+
+    def flush() -> Iterator[Outcome]:
+        answers = predictor.classify_arrays([a for _, a in batch], top_k)
+        for (i, _), answer in zip(batch, answers):
+            pending[i].answer = answer
+        batch.clear()
+        yield from (pending.pop(i) for i in sorted(pending))
+
+    for i, item in enumerate(decoded):
+        pending[i] = Outcome(str(files[i]))
+        if isinstance(item, tuple):
+            pending[i].reason, pending[i].error = item
+        else:
+            batch.append((i, item))
+        if progress is not None:
+            progress.update(1)
+        if len(batch) >= batch_size:
+            yield from flush()
+    yield from flush()
+
+
+def tally(summary: Summary, outcome: Outcome) -> None:
+    if outcome.answer is None:
+        summary.skipped += 1
+        return
+    summary.classified += 1
+    if outcome.truth is not None:
+        summary.labelled += 1
+        summary.correct += outcome.answer["label"] == outcome.truth
+        row = summary.confusion.setdefault(outcome.truth, {})
+        row[outcome.answer["label"]] = row.get(outcome.answer["label"], 0) + 1
+
+
+def format_confusion(confusion: dict, classes: Sequence[str]) -> str:
+    """Rows: true class (folder); columns: predicted class."""
+    rows = [c for c in classes if c in confusion]
+    width = max(6, *(len(c) for c in classes))
+    lines = [f"{'true/pred':>{width}} " + " ".join(f"{c[:width]:>{width}}" for c in classes)]
+    for truth in rows:
+        lines.append(f"{truth:>{width}} " + " ".join(f"{confusion[truth].get(c, 0):>{width}}" for c in classes))
+    return "\n".join(lines)
+
+
+def metrics_of(summary: Summary, classes: Sequence[str]) -> dict:
+    per_class = {c: {"images": sum(row.values()), "acc": row.get(c, 0) / sum(row.values())}
+                 for c, row in summary.confusion.items()}
+    return {"images": summary.classified + summary.skipped, "classified": summary.classified,
+            "skipped": summary.skipped, "images_per_s": round(summary.images_per_s, 1),
+            **({"accuracy": summary.correct / summary.labelled, "labelled": summary.labelled, "per_class": per_class,
+                "confusion": {t: [summary.confusion[t].get(c, 0) for c in classes] for t in summary.confusion},
+                "classes": list(classes)} if summary.labelled else {})}
+
+
+# --- output ----------------------------------------------------------------------------------------
+
+CSV_FIELDS = ("path", "label", "index", "score", "top_k", "error", "reason", "true_label")
+
+
+def csv_row(outcome: Outcome) -> dict:
+    a = outcome.answer or {}
+    top = ";".join(f"{t['label']}:{t['score']:.6f}" for t in a.get("top_k", [])) if a else ""
+    return {"path": outcome.path, "label": a.get("label", ""), "index": a.get("index", ""),
+            "score": f"{a['score']:.6f}" if a else "", "top_k": top, "error": outcome.error or "",
+            "reason": outcome.reason or "", "true_label": outcome.truth or ""}
+
+
+def json_row(outcome: Outcome) -> dict:
+    row = {"path": outcome.path, **(outcome.answer or {"error": outcome.error, "reason": outcome.reason})}
+    if outcome.truth is not None:
+        row["true_label"] = outcome.truth
+    return row
+
+
+class Writer:
+    """CSV or JSON Lines rows to a file (atomically: a temporary beside it, renamed at the end) or stdout."""
+
+    def __init__(self, output: str | None) -> None:
+        self.output = Path(output) if output and output != "-" else None
+        self.jsonl = self.output is not None and self.output.suffix.lower() in (".jsonl", ".ndjson")
+        if self.output is not None and not self.jsonl and self.output.suffix.lower() != ".csv":
+            raise PredictError(f"-o {output!r}: the name must end in .csv or .jsonl")
+        self.buffer = io.StringIO() if self.output is not None else sys.stdout
+        self.csv = None if self.jsonl else csv.DictWriter(self.buffer, CSV_FIELDS, lineterminator="\n")
+        if self.csv is not None:
+            self.csv.writeheader()
+
+    def write(self, outcome: Outcome) -> None:
+        if self.csv is not None:
+            self.csv.writerow(csv_row(outcome))
+        else:
+            self.buffer.write(json.dumps(json_row(outcome)) + "\n")
+
+    def close(self) -> None:
+        if self.output is not None:
+            atomic.write_text(self.output, self.buffer.getvalue())
+
+
+# --- the model -------------------------------------------------------------------------------------
+
+def default_model_ref(params_file: str = "params.yaml") -> str:
+    name = "image-classifier"
+    if Path(params_file).is_file():
+        from .params import load_params
+
+        name = load_params(params_file).promote.registered_model
+    return f"models:/{name}@champion"
+
+
+def resolve_model(ref: str, workdir: Path) -> Path:
+    """An ONNX file, or ``models:/<name>@<alias>`` / ``models:/<name>/<version>`` from the MLflow registry
+    (downloaded under ``workdir``)."""
+    if not ref.startswith("models:/"):
+        path = Path(ref)
+        if not path.is_file():
+            raise PredictError(f"--model {ref!r}: no such file (give an .onnx file or models:/<name>@<alias>)")
+        return path
+    from . import tracking
+
+    name, _, rest = ref.removeprefix("models:/").partition("@")
+    if rest:
+        found = tracking.version_by_alias(name, rest)
+        if found is None:
+            raise PredictError(f"--model {ref!r}: registered model {name!r} has no alias {rest!r} in {tracking.tracking_uri()}")
+        version = found["version"]
+    else:
+        name, _, version = name.partition("/")
+        if not version.isdigit():
+            raise PredictError(f"--model {ref!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    folder = tracking.download_version(name, version, workdir)
+    found = sorted(folder.rglob(MODEL_FILE))
+    if not found:
+        raise PredictError(f"--model {ref!r}: version {version} holds no {MODEL_FILE}")
+    return found[0]
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or globs")
+    parser.add_argument("--model", help="an .onnx file, or models:/<name>@<alias> or models:/<name>/<version> "
+                        "(default: models:/<promote.registered_model of params.yaml>@champion)")
+    parser.add_argument("-o", "--output", help="predictions.csv or predictions.jsonl (default: CSV on stdout)")
+    parser.add_argument("--top-k", type=_positive, default=1, help="entries in each top_k list (default 1)")
+    parser.add_argument("--batch-size", type=_positive, default=256, help="images per ONNX Runtime call (default 256)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="decode processes (default: the usable CPUs; 0 decodes in this process)")
+    parser.add_argument("--threads", type=_positive, default=None, help="ONNX Runtime threads (default: the usable CPUs)")
+    parser.add_argument("--providers", default="auto", help="ONNX Runtime providers, as CLASSIFIER_PROVIDERS (default auto)")
+    parser.add_argument("--metrics", help="write counts, images/s and (ImageFolder input) accuracy and confusion here (.json)")
+    parser.add_argument("--params", default="params.yaml", help=argparse.SUPPRESS)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 0:
+        parser.error(f"argument --workers: expected 0 or more, got {args.workers}")
+    return args
+
+
+def model_spec(model: Path) -> PreprocessSpec:
+    try:
+        return PreprocessSpec.from_metadata(read_metadata(model))
+    except Exception as err:  # noqa: BLE001  (not ONNX, or not our contract: say which file)
+        raise PredictError(f"--model {str(model)!r}: not a classifier this project can run ({type(err).__name__}: {err})") from err
+
+
+def classify_all(predictor: Predictor, decoded: Iterator, files: Sequence[Path], truths: list | None,
+                 writer: "Writer", args: argparse.Namespace) -> Summary:
+    from tqdm import tqdm
+
+    summary, started = Summary(), time.perf_counter()
+    with tqdm(total=len(files), unit="img", disable=args.no_progress, file=sys.stderr, smoothing=0.1) as bar:
+        outcomes = predict_files(predictor, decoded, files, top_k=args.top_k, batch_size=args.batch_size, progress=bar)
+        for i, outcome in enumerate(outcomes):
+            outcome.truth = truths[i] if truths else None
+            if outcome.answer is None:
+                bar.write(f"predict: skipped {outcome.path}: {outcome.reason}: {outcome.error}", file=sys.stderr)
+            tally(summary, outcome)
+            writer.write(outcome)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def run(args: argparse.Namespace) -> Summary:
+    files = collect_inputs(args.paths)
+    writer = Writer(args.output)  # a bad -o name fails before any work
+    cpus = usable_cpus()
+    with tempfile.TemporaryDirectory(prefix="imgcls-predict-") as workdir:
+        model = resolve_model(args.model or default_model_ref(args.params), Path(workdir))
+        spec = model_spec(model)
+        truths = folder_labels(args.paths, files, spec.classes)
+        with Decoder(spec, cpus if args.workers is None else args.workers, len(files)) as decode:
+            predictor = Predictor(model, providers=args.providers, threads=args.threads or cpus)
+            summary = classify_all(predictor, decode(files), files, truths, writer, args)
+    writer.close()
+    report(summary, spec.classes, args)
+    return summary
+
+
+def report(summary: Summary, classes: Sequence[str], args: argparse.Namespace) -> None:
+    out = sys.stderr if args.output in (None, "-") else sys.stdout  # stdout holds the CSV when there is no -o
+    print(f"predict: {summary.classified} classified, {summary.skipped} skipped, {summary.seconds:.2f} s "
+          f"({summary.images_per_s:,.0f} images/s){f' -> {args.output}' if args.output not in (None, '-') else ''}",
+          file=out)
+    if summary.labelled:
+        print(f"predict: accuracy {summary.correct / summary.labelled:.4f} ({summary.correct}/{summary.labelled} "
+              f"images whose folder names a class)\n{format_confusion(summary.confusion, classes)}", file=out)
+    if args.metrics:
+        atomic.write_json(args.metrics, metrics_of(summary, classes))
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(stage.run("predict", main))
