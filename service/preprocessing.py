@@ -79,6 +79,10 @@ _DRAFTABLE = frozenset({"JPEG", "MPO"})
 
 #: Pillow format names accepted (MPO is what Pillow calls many camera JPEGs).
 SUPPORTED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "WEBP", "BMP", "DIB", "TIFF", "GIF"})
+#: the formats whose Pillow plugin implements ``verify()`` (PNG: chunk CRCs; Pillow 10 to 13); for the
+#: others it is ``Image.verify``'s no-op, and the open + reopen it needs cost a JPEG ~half its decode time
+#: (32x32 CIFAR JPEG: ~150 us of Python marker parsing per open); a damaged one fails in ``load()`` instead
+_VERIFIED_FORMATS = frozenset({"PNG"})
 
 #: Contract ``resize`` values (``contract.RESIZE_FILTERS``) -> Pillow filters.
 RESAMPLE_FILTERS: Mapping[str, Image.Resampling] = {
@@ -261,6 +265,12 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return img
 
 
+def _may_be_rotated(img: Image.Image) -> bool:
+    """False only for a JPEG with neither EXIF nor XMP (where Pillow's ``exif_transpose`` looks for an
+    orientation): the check costs a 32x32 JPEG ~60 us of its ~300 us decode."""
+    return img.format not in ("JPEG", "MPO") or "exif" in img.info or "xmp" in img.info
+
+
 def decode_image(data: bytes, channels: int, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                  draft_to: int | None = None, alpha_onto: str = "black") -> Image.Image:
     """Decode ``data`` into a fully loaded ``PIL.Image`` of mode ``L`` (channels=1) or ``RGB`` (channels=3).
@@ -277,19 +287,20 @@ def decode_image(data: bytes, channels: int, *, max_pixels: int = DEFAULT_MAX_PI
     if not data:
         raise ImageError("empty", "the file is empty")
     data = bytes(data)
-    # integrity check: verify() walks the file without decoding; the image must be reopened after it
     img, _ = _open(data, max_pixels, draft_to)
-    try:
-        img.verify()
-    except Exception as err:
-        raise _load_error(err) from err
-    img, _ = _open(data, max_pixels, draft_to)
+    if img.format in _VERIFIED_FORMATS:  # integrity check without decoding; the image must be reopened after it
+        try:
+            img.verify()
+        except Exception as err:
+            raise _load_error(err) from err
+        img, _ = _open(data, max_pixels, draft_to)
     try:
         img.load()  # a freshly opened image sits on its first frame (animations, multi-page TIFF)
     except Exception as err:
         raise _load_error(err) from err
     try:
-        img = ImageOps.exif_transpose(img) or img
+        if _may_be_rotated(img):
+            img = ImageOps.exif_transpose(img) or img
     except Exception:  # unreadable EXIF: keep the stored orientation rather than refuse the image
         pass
     try:

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.harness import MNIST_FILES, mirror_path
+from tests.harness import MNIST_FILES, Mnist, MissingData, load_mnist, mirror_path
 from tests.harness import REPO as REPO_ROOT
 
 # Variables a stage must not inherit from the test runner (a torchrun launch, a user's MLflow server).
@@ -117,6 +117,17 @@ def data_mirror() -> Path:
         pytest.skip(f"offline data mirror {mirror}/mnist lacks {missing}: set DATA_MIRROR to a folder laid "
                     f"out like ../shared/data")
     return mirror
+
+
+@pytest.fixture(scope="session")
+def mnist() -> Mnist:
+    """The MNIST IDX files as numpy arrays (tests.harness.load_mnist: ``$MNIST_DIR``, else
+    ``$DATA_MIRROR/mnist``, default ``../shared/data/mnist``); the tests that need it skip, saying why,
+    when they are missing."""
+    try:
+        return load_mnist()
+    except MissingData as err:
+        pytest.skip(f"MNIST data missing: {err}")
 
 
 @pytest.fixture

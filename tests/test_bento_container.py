@@ -35,8 +35,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.harness import (REPO, TEST_RUN_ID, MissingData, build_tiny_onnx_model, free_port, load_mnist,
-                           run_in_bento_home, stop, store_in_bento_home, wait_ready)
+from tests.harness import (REPO, TEST_RUN_ID, build_tiny_onnx_model, free_port, run_in_bento_home, stop, store_in_bento_home, wait_ready)
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -81,14 +80,6 @@ class Built:
     bento_path: Path  # the Bento in the store
     context: Path  # what `bentoml containerize` sends to the builder
     dockerfile: str
-
-
-@pytest.fixture(scope="module")
-def mnist():
-    try:
-        return load_mnist()
-    except MissingData as err:
-        pytest.skip(str(err))
 
 
 @pytest.fixture(scope="module")

@@ -54,7 +54,11 @@ def test_help_lists_every_command_and_a_bad_command_exits_2():
 
 
 def test_stage_commands_train_evaluate_export_promote_and_package(project):
+    done = imgcls(project, "download")
+    assert done.returncode == 0 and "download: mnist" in done.stdout, done.stderr[-3000:]
     fails(imgcls(project, "train", "--arch", "nosuch"), 2, "nosuch")
+    fails(imgcls(project, "evaluate", "--arch", "nosuch"), 2, "nosuch")
+    fails(imgcls(project, "export", "--arch", "resnet"), 2, "resnet")  # not listed, never trained
     fails(imgcls(project, "train", "--arch", "mlp", "--epoch", "3"), 2, "--epoch")
     for command in ("train", "evaluate", "export"):
         done = imgcls(project, command, "--arch", "mlp")
@@ -70,6 +74,7 @@ def test_stage_commands_train_evaluate_export_promote_and_package(project):
     assert done.returncode == 0 and "BentoML model" in done.stdout, done.stderr[-3000:]
     fails(imgcls(project, "package", "--no-build", "--alias", "nosuch"), 2, "nosuch")
     fails(imgcls(project, "download", "--params", "missing.yaml"), 2, "missing.yaml")
+    fails(imgcls(project, "package", "--no-build", "--params", "missing.yaml"), 2, "missing.yaml")
 
 
 def test_models_lists_the_zoo():

@@ -8,6 +8,7 @@ themselves: every run, from every execution mode, must land in the repo's own ml
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sqlite3
@@ -78,7 +79,8 @@ class Repo:
             time.sleep(3)
 
     def stop_queue(self) -> None:
-        self.dvc("queue", "stop", "--kill", check=False, timeout=120)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.dvc("queue", "stop", "--kill", check=False, timeout=120)
 
     def git(self, *args: str) -> str:
         return self.run("git", *args).stdout

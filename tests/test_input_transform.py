@@ -15,19 +15,10 @@ from pipeline.params import DataParams, ParamsError
 from service import contract
 from service import preprocessing as pp
 from service.input_transform import NoInk, digit_array, digit_image
-from tests.harness import MissingData, load_mnist
 
 pytest.importorskip("hypothesis")  # dev extra
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def mnist():
-    try:
-        return load_mnist()
-    except MissingData as err:
-        pytest.skip(str(err))
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **options) -> bytes:

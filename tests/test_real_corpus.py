@@ -8,17 +8,8 @@ import pytest
 from PIL import Image
 
 from bench import real_corpus
-from tests import harness
 
 PER_PART, MNIST_LIMIT = 12, 20
-
-
-@pytest.fixture(scope="module")
-def mnist():
-    try:
-        return harness.load_mnist()
-    except harness.MissingData as err:
-        pytest.skip(f"MNIST data missing, the corpus is made from it: {err}")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Fixtures for the service tests.
 
-- ``mnist``: the MNIST IDX files from ``$MNIST_DIR``, else ``$DATA_MIRROR/mnist`` (default
-  ``../shared/data/mnist`` beside the checkout) as numpy arrays (tests.harness.load_mnist).
+- ``mnist`` (tests/conftest.py, for every test): the MNIST IDX files as numpy arrays.
 - ``tiny_onnx_model``: a small real ONNX classifier honouring docs/model-contract.md, made by fitting a
   tiny torch CNN for two passes over 6000 MNIST training images (~4 s on 2 CPU cores, >90 % accurate)
   and exporting it with the export stage's ``pipeline.export.export_onnx``
@@ -22,16 +21,8 @@ from pathlib import Path
 import pytest
 
 from svc_support import serve, store_test_model  # helpers live there so test modules can import them too
-from tests.harness import (Mnist, MissingData, build_tiny_onnx_model, chromium_unavailable, export_with_contract,
-                           launch_chromium, load_mnist)
-
-
-@pytest.fixture(scope="session")
-def mnist() -> Mnist:
-    try:
-        return load_mnist()
-    except MissingData as err:
-        pytest.skip(str(err))
+from tests.harness import (Mnist, build_tiny_onnx_model, chromium_unavailable, export_with_contract,
+                           launch_chromium)
 
 
 def build_slow_onnx_model(path: Path) -> Path:

@@ -104,6 +104,17 @@ def test_exif_orientation_is_applied():
     assert pp.decode_image(data, 3).size == (20, 40)
 
 
+def test_xmp_orientation_is_applied_and_a_plain_jpeg_keeps_its_pixels():
+    img = svc_images.rgb_image(40, 20)
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    rotated = svc_images.encode(img, "JPEG", quality=95, xmp=xmp)
+    assert "exif" not in Image.open(io.BytesIO(rotated)).info  # the orientation is in XMP only
+    assert pp.decode_image(rotated, 3).size == (20, 40)
+    plain = svc_images.encode(img, "JPEG", quality=95)
+    np.testing.assert_array_equal(np.asarray(pp.decode_image(plain, 3)), np.asarray(Image.open(io.BytesIO(plain)).convert("RGB")))
+
+
 def test_resize_uses_the_named_filter_and_skips_same_size():
     img = svc_images.rgb_image(40, 30)
     for name, flt in pp.RESAMPLE_FILTERS.items():

@@ -1,0 +1,157 @@
+"""Batch prediction benchmark: `imgcls predict` on a folder of JPEGs against raw ONNX Runtime, side by side.
+
+    .venv/bin/python -m bench.predict --model cifar-resnet=exports/resnet/model.onnx --data DIR [--limit 10000]
+    .venv/bin/python -m bench.predict --model a=A.onnx --model b=B.onnx --data DIR --quick
+
+On demand, not a test. ``DIR`` is an ImageFolder of real images (class subfolders), e.g. the CIFAR-10
+training JPEGs of ../shared/data extracted (``tar xzf cifar10-train-jpg.tar.gz``); the first ``--limit``
+files in sorted order, the same for every model.
+
+Policy, per model:
+
+- **raw ONNX Runtime**: every image decoded beforehand (not timed) into one in-memory normalized
+  ``float32 [N, C, H, W]`` tensor; then one session (``service.engine.OnnxClassifier``, the serving
+  options, intra-op threads = the usable CPUs) runs it at each of ``--batch-sizes``, best of
+  ``REPEATS``: images/s per batch size, and the best.
+- **imgcls predict**: the installed console script as a subprocess, on the files, at the raw run's best
+  batch size, with its default decode workers (the usable CPUs) and with ``--workers 0`` (decode in the
+  main process): its own images/s (``--metrics``: first decode to last answer; no interpreter start or
+  model load), and the whole command's wall time.
+
+Target (PASS): predict with default workers >= 80 % of raw ONNX Runtime's best images/s, for every model.
+Writes bench/results/predict-<date>[-suffix].json and .md (machine, versions, command, git state);
+``--quick`` (2,000 images, batch sizes 64 and 256) writes to a temporary folder unless ``--out`` is given.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tests import harness
+
+REPEATS = 3
+TARGET = 0.80
+DISTS = ("onnxruntime", "onnxruntime-gpu", "numpy", "pillow")
+IMGCLS = Path(sys.executable).with_name("imgcls")
+
+
+def raw_images_per_s(model: Path, files: list[Path], batch_sizes: list[int]) -> dict[int, float]:
+    from service.contract import normalize
+    from service.cpus import usable_cpus
+    from service.predictor import ImageError, Predictor
+
+    predictor = Predictor(model, threads=usable_cpus())
+    arrays = [a for a in map(predictor.prepare, (p.read_bytes() for p in files)) if not isinstance(a, ImageError)]
+    batch = normalize(np.stack(arrays), predictor.spec.mean, predictor.spec.std)
+    predictor.engine.warmup(batch_sizes)
+    rates = {}
+    for size in batch_sizes:
+        best = float("inf")
+        for _ in range(REPEATS):
+            started = time.perf_counter()
+            for i in range(0, len(batch), size):
+                predictor.engine.logits(batch[i:i + size])
+            best = min(best, time.perf_counter() - started)
+        rates[size] = len(batch) / best
+    return rates
+
+
+def predict_run(model: Path, data: Path, files: int, batch_size: int, workers: int | None, work: Path) -> dict:
+    """One `imgcls predict` over the first `files` images (a file list: the same images as the raw run)."""
+    listing = sorted(p for p in data.rglob("*.jpg"))[:files]
+    subset = work / f"subset-{files}"
+    if not subset.exists():  # links in class folders: ImageFolder-shaped, so accuracy is measured too
+        for p in listing:
+            (subset / p.parent.name).mkdir(parents=True, exist_ok=True)
+            (subset / p.parent.name / p.name).symlink_to(p.resolve())
+    metrics = work / "metrics.json"
+    cmd = [str(IMGCLS), "predict", str(subset), "--model", str(model), "-o", str(work / "predictions.csv"),
+           "--batch-size", str(batch_size), "--metrics", str(metrics), "--no-progress"]
+    if workers is not None:
+        cmd += ["--workers", str(workers)]
+    started = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"bench predict: {' '.join(cmd)} exited {done.returncode}:\n{done.stderr[-3000:]}")
+    out = json.loads(metrics.read_text())
+    return {"workers": "default (usable CPUs)" if workers is None else workers, "images_per_s": out["images_per_s"],
+            "wall_s": round(wall, 2), "classified": out["classified"], "skipped": out["skipped"],
+            "accuracy": out.get("accuracy"), "command": " ".join(cmd)}
+
+
+def measure(name: str, model: Path, args: argparse.Namespace, work: Path) -> dict:
+    files = sorted(p for p in args.data.rglob("*.jpg"))[:args.limit]
+    rates = raw_images_per_s(model, files, args.batch_sizes)
+    best_size = max(rates, key=rates.get)
+    runs = [predict_run(model, args.data, len(files), best_size, workers, work) for workers in (None, 0)]
+    ratio = runs[0]["images_per_s"] / rates[best_size]
+    print(f"predict bench: {name}: raw ORT best {rates[best_size]:,.0f} images/s (batch {best_size}); "
+          f"predict {runs[0]['images_per_s']:,.0f} images/s ({ratio:.0%}), --workers 0 {runs[1]['images_per_s']:,.0f}",
+          flush=True)
+    return {"name": name, "model": str(model), "images": len(files),
+            "raw_images_per_s": {str(k): round(v, 1) for k, v in rates.items()}, "best_batch_size": best_size,
+            "predict": runs, "ratio": round(ratio, 3), "passed": ratio >= TARGET}
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"# Batch prediction: imgcls predict vs raw ONNX Runtime ({result['date']})", "",
+             f"Machine: {m['cpu_model']}, {m['usable_cores']} usable cores, load at start {m['loadavg_start']}; "
+             f"versions {result['versions']}; commit {result['git']['commit'][:10]}.", "",
+             f"Command: `{result['command']}`", "",
+             "| model | images | raw ORT images/s by batch size | best | predict images/s (workers) | "
+             "predict / raw | wall s | accuracy | target >= 80 % |", "|---|---:|---|---:|---|---:|---:|---:|---|"]
+    for r in result["models"]:
+        raw = ", ".join(f"{k}: {v:,.0f}" for k, v in r["raw_images_per_s"].items())
+        runs = "; ".join(f"{p['images_per_s']:,.0f} ({p['workers']})" for p in r["predict"])
+        acc = r["predict"][0]["accuracy"]
+        lines.append(f"| {r['name']} | {r['images']:,} | {raw} | {r['best_batch_size']} | {runs} | {r['ratio']:.0%} | "
+                     f"{r['predict'][0]['wall_s']} | {acc if acc is None else f'{acc:.4f}'} | "
+                     f"{'PASS' if r['passed'] else 'FAIL'} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", action="append", required=True, metavar="NAME=PATH.onnx",
+                   type=lambda s: (s.split("=", 1)[0], Path(s.split("=", 1)[1])) if "=" in s else (Path(s).stem, Path(s)))
+    p.add_argument("--data", type=Path, required=True, help="an ImageFolder of JPEGs")
+    p.add_argument("--limit", type=int, default=10_000)
+    p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64, 256, 1024])
+    p.add_argument("--out", type=Path)
+    p.add_argument("--suffix", default="")
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.limit, args.batch_sizes = min(args.limit, 2000), [64, 256]
+    args.out = args.out or (Path(tempfile.gettempdir()) / "bench-predict" if args.quick else harness.REPO / "bench" / "results")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": harness.command_line(),
+              "machine": harness.machine(), "versions": harness.versions(DISTS), "git": harness.git_state(),
+              "policy": __doc__.split("Policy, per model:")[1].split("Target")[0].strip()}
+    with tempfile.TemporaryDirectory(prefix="bench-predict-") as work:
+        result["models"] = [measure(name, path, args, Path(work) / name) for name, path in args.model]
+    result["passed"] = all(r["passed"] for r in result["models"])
+    stem = args.out / f"predict-{dt.date.today().isoformat()}{'-' + args.suffix if args.suffix else ''}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(result))
+    print("\n" + markdown(result) + f"\nbench predict: wrote {stem}.json and .md")
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
