@@ -30,12 +30,12 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from service.contract import MODEL_FILE, normalize, read_metadata, run_logits
+from service import mlflow_model
+from service.contract import MODEL_FILE, PreprocessSpec, normalize, read_metadata, run_logits
 
 from . import atomic, stage, tracking
 from .download import load_card, load_prepared
+from .model_card import model_card
 from .params import PromoteParams, load_params
 from .paths import PREPARED_DIR, RELEASE_DIR, arch_dir, experiments_may_promote, export_dir, isolated_experiment
 from .serving import CHALLENGER, CHAMPION, utc_now as _now
@@ -177,7 +177,9 @@ def rollback(name: str) -> dict:
 
 
 def register_export(name: str, export_json: Path, experiment: str) -> tuple[str, dict]:
-    """Log and register one export (idempotent: an ONNX file already registered is not added twice)."""
+    """Log one export as the MLflow pyfunc model (`log_served_model`) and register it, its model card
+    (`pipeline.model_card`) as the version's description (idempotent: an ONNX file already
+    registered is not added twice)."""
     report = json.loads(export_json.read_text())
     if not report.get("passed"):
         raise PromotionError(f"{export_json}: the export did not pass its parity gate")
@@ -185,9 +187,8 @@ def register_export(name: str, export_json: Path, experiment: str) -> tuple[str,
         if v["tags"].get("onnx_sha256") == report["onnx_sha256"]:
             return v["version"], report
     meta = report["metadata"]
-    size, channels = int(meta["image_size"]), int(meta["in_channels"])
-    example = np.zeros((1, channels, size, size), dtype=np.float32)
     run_id = meta["mlflow_run_id"]
+    training = tracking.run_metrics(run_id)
     if not tracking.run_exists(run_id):  # the export came from DVC's cache, made against another store
         run_id = tracking.open_run(run_id, experiment=experiment, run_name=report["arch"], stage="promote",
                                    model_file=arch_dir(report["arch"]) / "model.pt").run_id
@@ -196,9 +197,29 @@ def register_export(name: str, export_json: Path, experiment: str) -> tuple[str,
             "test_set_sha256": report["test_set_sha256"], "parity_passed": "true",
             "parity_max_abs_logit_diff": report["max_abs_logit_diff"], "onnx_test_acc": report["onnx_test_acc"],
             **{f"metric.{k}": v for k, v in evaluation.items()}, **tracking.context_tags()}
-    uri, model_id = tracking.log_onnx_model(run_id, export_json.parent / MODEL_FILE, example, meta)
-    version = tracking.register_version(name, uri, run_id, tags, model_id)
+    uri, model_id = log_served_model(run_id, export_json.parent / MODEL_FILE, meta)
+    card = load_card(PREPARED_DIR) if (PREPARED_DIR / "card.json").is_file() else {}
+    description = model_card(report, card, training=training, registered_model=name,
+                             max_chars=tracking.MAX_DESCRIPTION_CHARS)
+    version = tracking.register_version(name, uri, run_id, tags, model_id, description=description)
     return version, report
+
+
+def log_served_model(run_id: str, onnx_file: Path, meta: dict[str, str]) -> tuple[str, str]:
+    """Log `onnx_file` into run `run_id` as the MLflow pyfunc model `service.mlflow_model` serves
+    (image bytes in, labels and scores out; `mlflow models serve` and `mlflow.pyfunc.load_model`
+    work offline), with a stroke image of the model's size as its input example, which the model
+    must answer. Returns (model URI, logged-model id)."""
+    spec = PreprocessSpec.from_metadata(meta)
+    example = {mlflow_model.INPUT_COLUMN: [mlflow_model.example_image(spec)]}
+    answer = mlflow_model.ImageClassifierPyfunc(onnx_file, providers="cpu", threads=1).predict(example)
+    if answer["reason"][0] is not None:
+        raise PromotionError(f"{onnx_file}: the model refuses its own input example ({answer['reason'][0]}: "
+                             f"{answer['error'][0]})")
+    return tracking.log_pyfunc_model(
+        run_id, onnx_file, loader_module=mlflow_model.__name__, code_dir=Path(mlflow_model.__file__).parent,
+        signature=mlflow_model.SIGNATURE, input_example=example, params_example={"top_k": min(3, len(spec.classes))},
+        model_config=mlflow_model.DEFAULT_CONFIG, requirements=mlflow_model.REQUIREMENTS, metadata=meta)
 
 
 def champion_metric_on(name: str, champion: dict, metric: str, test_sha: str) -> float:

@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from service.contract import run_logits
+from service.contract import MODEL_FILE, run_logits
 
 from . import atomic
 from .paths import workspace_root
@@ -165,6 +165,10 @@ class Run:
             if Path(path).exists():
                 self._client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_datasets(self, card: dict, prepared_dir: str | Path, validation: dict | None = None) -> None:
+        """The run's data as MLflow dataset inputs (the UI's Datasets column): see `log_datasets`."""
+        log_datasets(self.run_id, card, prepared_dir, validation)
+
     def finish(self, status: str = "FINISHED") -> None:
         self._client.set_terminated(self.run_id, status)
 
@@ -243,6 +247,54 @@ def log_dataset_card(experiment: str, card: dict) -> str:
     return run.run_id
 
 
+DATASET_DIGEST_CHARS = 32  # MLflow's datasets.digest column is VARCHAR(36): PostgreSQL refuses a whole SHA-256
+
+
+def dataset_inputs(card: dict, prepared_dir: str | Path, validation: dict | None = None) -> list:
+    """`mlflow.entities.DatasetInput`s of the prepared splits, metadata only (no pixels are copied
+    into MLflow): name = the dataset, digest = the split's SHA-256 from the dataset card (its first
+    DATASET_DIGEST_CHARS hex digits; the whole one is in the profile), source = the split's file,
+    schema = its arrays, profile = counts and where the data came from; context `training` (the
+    train split, of which the validation images are carved out), `validation` (when its split card,
+    `pipeline.download.split_card`, is given) and `test`."""
+    import numpy as np
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.schema import TensorDatasetSchema
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.types import Schema, TensorSpec
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    shape = (-1, int(card["channels"]), int(card["image_size"]), int(card["image_size"]))
+    schema = TensorDatasetSchema(features=Schema([TensorSpec(np.dtype(np.uint8), shape, "images")]),
+                                 targets=Schema([TensorSpec(np.dtype(np.int64), (-1,), "labels")]))
+    splits = [("training", "train", card["splits"]["train"]), ("test", "test", card["splits"]["test"])]
+    if validation is not None:
+        splits.insert(1, ("validation", "train", validation))
+    inputs = []
+    for context, file_split, info in splits:
+        profile = {"split": context if context == "validation" else file_split, "count": info["count"],
+                   "per_class": info.get("per_class"), "sha256": info["sha256"], "downloaded_from": card["source"],
+                   "input_transform": card.get("input_transform", "resize")}
+        if context == "training" and validation is not None:
+            profile["validation_carved_out"] = validation["count"]
+        if context == "validation":
+            profile["carved_from"] = "the train split (train.val_fraction of each class, train.seed)"
+        source = LocalArtifactDatasetSource(str(Path(prepared_dir) / f"{file_split}.npz"))
+        meta = MetaDataset(source, name=card["dataset"], digest=info["sha256"][:DATASET_DIGEST_CHARS]).to_dict()
+        dataset = Dataset(name=meta["name"], digest=meta["digest"], source_type=meta["source_type"],
+                          source=meta["source"], schema=json.dumps(schema.to_dict()), profile=json.dumps(profile))
+        inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+    return inputs
+
+
+def log_datasets(run_id: str, card: dict, prepared_dir: str | Path, validation: dict | None = None) -> None:
+    """Record the run's training, validation and test data (`dataset_inputs`) with
+    `MlflowClient.log_inputs`; idempotent (the store reuses a dataset of the same name and digest,
+    and a run's existing input), so a resumed training logs nothing twice."""
+    client().log_inputs(run_id, datasets=dataset_inputs(card, prepared_dir, validation))
+
+
 # --- model registry ---------------------------------------------------------------------------------
 
 def log_onnx_model(run_id: str, onnx_path: str | Path, input_example, metadata: dict[str, str]) -> tuple[str, str]:
@@ -268,6 +320,95 @@ def log_onnx_model(run_id: str, onnx_path: str | Path, input_example, metadata: 
     return info.model_uri, info.model_id
 
 
+class _PyfuncWithOnnxFile:
+    """The `flavor` given to `mlflow.models.Model.log` by `log_pyfunc_model`: a `python_function`
+    model with a loader module (`mlflow.pyfunc.save_model(loader_module=..., data_path=...)`), its
+    ONNX file then moved from `data/` to the folder's root, where every reader of a downloaded
+    version finds it (`download_version(...) / MODEL_FILE`: the serving store sync, the champion's
+    re-measure), and declared as the `onnx` flavor too, so `mlflow.onnx.load_model` still works."""
+
+    @staticmethod
+    def save_model(path, mlflow_model, onnx_path, pyfunc_model_config=None, validate_serving_input=True, **kwargs):
+        import mlflow
+        import onnx
+
+        root = Path(path)
+        mlflow.pyfunc.save_model(str(root), mlflow_model=mlflow_model, data_path=str(onnx_path),
+                                 model_config=pyfunc_model_config, **kwargs)
+        conf = mlflow_model.flavors["python_function"]
+        (root / conf["data"]).replace(root / MODEL_FILE)
+        (root / conf["data"]).parent.rmdir()
+        conf["data"] = MODEL_FILE
+        mlflow_model.add_flavor("onnx", onnx_version=onnx.__version__, data=MODEL_FILE,
+                                providers=["CUDAExecutionProvider", "CPUExecutionProvider"], code=None)
+        mlflow_model.save(str(root / "MLmodel"))
+        # the folder as MLflow will load it (code path, loader module, signature) must answer its own
+        # input example: Model.log's serving-input check only warns, this one fails the logging
+        example = mlflow_model.load_input_example(str(root))
+        if example is not None:
+            mlflow.pyfunc.load_model(str(root)).predict(example, params=mlflow_model.load_input_example_params(str(root)))
+
+
+def pinned_requirements(modules: Iterable[str]) -> list[str]:
+    """`dist==version` of the installed distribution of each top-level module (`PIL` -> pillow,
+    `onnxruntime` -> onnxruntime or onnxruntime-gpu, whichever provides it here)."""
+    from importlib import metadata
+
+    providers = metadata.packages_distributions()
+    out = []
+    for module in modules:
+        for dist in providers.get(module, [module]):
+            try:
+                out.append(f"{dist}=={metadata.version(dist)}")
+                break
+            except metadata.PackageNotFoundError:
+                continue
+        else:
+            out.append(module)
+    return out
+
+
+def log_pyfunc_model(run_id: str, onnx_path: str | Path, *, loader_module: str, code_dir: str | Path,
+                     signature: dict, input_example: dict[str, list], params_example: dict | None = None,
+                     model_config: dict | None = None, requirements: Iterable[str] = (),
+                     metadata: dict[str, str] | None = None) -> tuple[str, str]:
+    """Log the ONNX file as an MLflow `python_function` model of run `run_id`, loadable and servable
+    by MLflow itself (`mlflow.pyfunc.load_model`, `mlflow models serve`), offline.
+
+    The model folder holds the ONNX file's exact bytes at its root (`MODEL_FILE`), the package
+    `code_dir` (prepended to sys.path by MLflow at load) whose module `loader_module` defines
+    `_load_pyfunc(data_path, model_config)`, `signature` (MLmodel's JSON form: `inputs`, `outputs`,
+    `params`), the input example (columns -> values, with `params_example`), `model_config` (the
+    settings a loader may override) and `requirements` (top-level modules, pinned to the installed
+    versions; MLflow adds itself). Returns (model URI, logged-model id)."""
+    import logging
+
+    import mlflow
+    import pandas as pd
+    from mlflow.models import Model, ModelSignature
+
+    client()
+    for noisy in ("mlflow.pyfunc", "mlflow.models.model"):  # "Validating input example ...", env-var tips
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    example = pd.DataFrame(input_example)
+    # the active run gives the logged model its experiment (Model.log's run_id alone leaves it in the default one)
+    with mlflow.start_run(run_id=run_id):
+        info = Model.log(None, name="classifier", flavor=_PyfuncWithOnnxFile, flavor_name="python_function",
+                         run_id=run_id, metadata=metadata, onnx_path=str(onnx_path), loader_module=loader_module,
+                         code_paths=[str(code_dir)],
+                         signature=ModelSignature.from_dict({k: json.dumps(v) for k, v in signature.items()}),
+                         input_example=(example, params_example) if params_example else example,
+                         pip_requirements=pinned_requirements(requirements), pyfunc_model_config=model_config)
+    return info.model_uri, info.model_id
+
+
+def run_metrics(run_id: str) -> dict[str, float]:
+    """The latest value of each metric of run `run_id` ({} when the run is not in this store)."""
+    if not run_exists(run_id):
+        return {}
+    return dict(client().get_run(run_id).data.metrics)
+
+
 def run_exists(run_id: str) -> bool:
     """The run is in this store and not deleted (MLflow refuses to log into a deleted run)."""
     if not run_id:
@@ -283,7 +424,7 @@ def run_exists(run_id: str) -> bool:
 def _version_dict(v, aliases: dict[str, str]) -> dict:
     return {"version": str(v.version), "run_id": v.run_id, "source": v.source, "tags": dict(v.tags),
             "aliases": sorted(a for a, ver in aliases.items() if str(ver) == str(v.version)),
-            "created": v.creation_timestamp}
+            "created": v.creation_timestamp, "description": v.description or ""}
 
 
 def model_aliases(name: str) -> dict[str, str]:
@@ -323,8 +464,13 @@ def version_by_alias(name: str, alias: str) -> dict | None:
                             f"{type(err).__name__}: {err}") from err
 
 
-def register_version(name: str, model_uri: str, run_id: str, tags: dict[str, str], model_id: str | None = None) -> str:
-    """A new version of registered model `name` (created on first use); returns its number."""
+MAX_DESCRIPTION_CHARS = 5000  # model_versions.description is VARCHAR(5000) (PostgreSQL enforces it)
+
+
+def register_version(name: str, model_uri: str, run_id: str, tags: dict[str, str], model_id: str | None = None,
+                     description: str | None = None) -> str:
+    """A new version of registered model `name` (created on first use), `description` its model
+    card (Markdown, at most MAX_DESCRIPTION_CHARS); returns its number."""
     from mlflow.exceptions import MlflowException
 
     c = client()
@@ -333,8 +479,11 @@ def register_version(name: str, model_uri: str, run_id: str, tags: dict[str, str
     except MlflowException as err:
         if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
             raise
+    if description is not None and len(description) > MAX_DESCRIPTION_CHARS:
+        raise TrackingError(f"a model version's description holds at most {MAX_DESCRIPTION_CHARS} characters, "
+                            f"got {len(description)}")
     version = c.create_model_version(name, model_uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()},
-                                     model_id=model_id)
+                                     model_id=model_id, description=description)
     return str(version.version)
 
 

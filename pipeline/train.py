@@ -35,7 +35,7 @@ from models import create_model, summarize
 from service.cpus import usable_cpus
 
 from . import atomic, stage, tracking
-from .download import Split, load_card, load_prepared, stratified_split
+from .download import Split, load_card, load_prepared, split_card, stratified_split
 from .params import AugmentParams, Params, ParamsError, TrainParams, load_params
 from .paths import PREPARED_DIR, arch_dir, checkpoint_path
 
@@ -483,6 +483,7 @@ def train(arch: str, params: Params, *, prepared_dir: Path = PREPARED_DIR, out_d
         fit.model = nn.parallel.DistributedDataParallel(fit.model, device_ids=[ctx.local_rank] if device.type == "cuda" else None)
     run = open_train_run(arch, kwargs, fit, card, summary, device, state) if ctx.is_main else tracking.NullRun()
     if ctx.is_main:
+        run.log_datasets(card, prepared_dir, validation=split_card(val_split, card["classes"]))  # MLflow dataset inputs
         if start_epoch:
             print(f"train: {arch}: resuming from checkpoint {ckpt_path} after epoch {start_epoch}", flush=True)
         print(f"train: {arch} on {device} ({'AMP ' + str(fit.autocast_dtype) if fit.autocast_dtype else 'fp32'}), "
