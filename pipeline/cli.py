@@ -94,6 +94,3 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv[0] = f"imgcls {command}"  # the stage's argparse names itself after it: "usage: imgcls train ..."
     return stage.run(command, importlib.import_module(module).main, rest)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,7 +18,8 @@ Speed: ``--workers`` processes decode while the main process runs ONNX Runtime o
 process may use (``service.cpus``); decoding of batch i+1 overlaps inference of batch i.
 Output is written atomically; without ``-o`` the CSV goes to stdout. Exit codes: the stages' table
 (``pipeline.stage``): 0 done (skipped files included, counted in the summary), 2 bad arguments (a path
-that does not exist, nothing to classify, a bad model reference), 3 the MLflow store is unusable.
+that does not exist, no image file found, a bad model reference) or not one file could be classified
+(the output, listing each file's reason, is written all the same), 3 the MLflow store is unusable.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import glob
 import io
 import json
 import multiprocessing
+import os
 import sys
 import tempfile
 import time
@@ -59,27 +61,37 @@ class PredictError(stage.StageError):
 
 # --- inputs ----------------------------------------------------------------------------------------
 
-def _expand(arg: str) -> list[Path]:
-    path = Path(arg)
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                      and not any(part.startswith(".") for part in p.relative_to(path).parts))
-    if path.is_file():
-        return [path]
+def _image_files(root: str) -> list[str]:
+    """Image files under ``root``, depth first, names sorted; hidden files and folders skipped (strings and
+    os.walk: pathlib's per-file objects cost more than a 32x32 JPEG's decoding)."""
+    found = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        found += [os.path.join(folder, n) for n in sorted(names)
+                  if not n.startswith(".") and os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES]
+    return found
+
+
+def _expand(arg: str) -> list[str]:
+    if os.path.isdir(arg):
+        return _image_files(arg)
+    if os.path.isfile(arg):
+        return [arg]
     if GLOB_CHARS & set(arg):
-        found = sorted(Path(p) for p in glob.glob(arg, recursive=True) if Path(p).is_file())
+        found = sorted(p for p in glob.glob(arg, recursive=True) if os.path.isfile(p))
         if found:
             return found
         raise PredictError(f"{arg!r}: the pattern matches no file")
     raise PredictError(f"{arg!r}: no such file or folder")
 
 
-def collect_inputs(args: Sequence[str]) -> list[Path]:
-    """Every file the arguments name (folders recursively, globs expanded), in order, each once."""
+def collect_inputs(args: Sequence[str]) -> list[str]:
+    """Every file the arguments name (folders recursively, globs expanded), in order, each once (by
+    absolute path)."""
     seen, files = set(), []
     for arg in args:
         for path in _expand(arg):
-            key = path.resolve()
+            key = os.path.abspath(path)
             if key not in seen:
                 seen.add(key)
                 files.append(path)
@@ -88,13 +100,13 @@ def collect_inputs(args: Sequence[str]) -> list[Path]:
     return files
 
 
-def folder_labels(args: Sequence[str], files: Sequence[Path], classes: Sequence[str]) -> list[str | None] | None:
+def folder_labels(args: Sequence[str], files: Sequence[str], classes: Sequence[str]) -> list[str | None] | None:
     """The class-subfolder name of each file when the input is one ImageFolder-shaped folder (every file in a
     subfolder, at least one subfolder named after a model class), else None."""
-    if len(args) != 1 or not Path(args[0]).is_dir():
+    if len(args) != 1 or not os.path.isdir(args[0]):
         return None
-    root = Path(args[0])
-    parts = [p.relative_to(root).parts for p in files]
+    root = os.path.join(args[0], "")
+    parts = [f[len(root):].split(os.sep) for f in files]
     if any(len(rel) < 2 for rel in parts) or not {rel[0] for rel in parts} & set(classes):
         return None
     return [rel[0] if rel[0] in classes else None for rel in parts]
@@ -116,7 +128,8 @@ def _prepare_files(paths: Sequence[str], spec: tuple | None = None) -> list:
     out = []
     for path in paths:
         try:
-            data = Path(path).read_bytes()
+            with open(path, "rb") as f:
+                data = f.read()
         except OSError as err:
             out.append(("unreadable", f"cannot read: {err.strerror or err}"))
             continue
@@ -146,8 +159,8 @@ class Decoder:
             self.pool.terminate()
             self.pool.join()
 
-    def __call__(self, files: Sequence[Path]) -> Iterator:
-        chunks = [[str(p) for p in files[i:i + CHUNK]] for i in range(0, len(files), CHUNK)]
+    def __call__(self, files: Sequence[str]) -> Iterator:
+        chunks = [files[i:i + CHUNK] for i in range(0, len(files), CHUNK)]
         if self.pool is None:
             for chunk in chunks:
                 yield from _prepare_files(chunk, (self.spec, self.max_pixels))
@@ -183,7 +196,7 @@ class Summary:
         return self.classified / self.seconds if self.seconds else 0.0
 
 
-def predict_files(predictor: Predictor, decoded: Iterator, files: Sequence[Path], *, top_k: int = 1,
+def predict_files(predictor: Predictor, decoded: Iterator, files: Sequence[str], *, top_k: int = 1,
                   batch_size: int = 256, progress=None) -> Iterator[Outcome]:
     """Outcomes in file order: ``decoded`` (a :class:`Decoder`'s output for ``files``) classified
     ``batch_size`` at a time."""
@@ -198,7 +211,7 @@ def predict_files(predictor: Predictor, decoded: Iterator, files: Sequence[Path]
         yield from (pending.pop(i) for i in sorted(pending))
 
     for i, item in enumerate(decoded):
-        pending[i] = Outcome(str(files[i]))
+        pending[i] = Outcome(files[i])
         if isinstance(item, tuple):
             pending[i].reason, pending[i].error = item
         else:
@@ -265,11 +278,11 @@ def json_row(outcome: Outcome) -> dict:
 class Writer:
     """CSV or JSON Lines rows to a file (atomically: a temporary beside it, renamed at the end) or stdout."""
 
+    SUFFIXES = (".csv", ".jsonl", ".ndjson")
+
     def __init__(self, output: str | None) -> None:
         self.output = Path(output) if output and output != "-" else None
-        self.jsonl = self.output is not None and self.output.suffix.lower() in (".jsonl", ".ndjson")
-        if self.output is not None and not self.jsonl and self.output.suffix.lower() != ".csv":
-            raise PredictError(f"-o {output!r}: the name must end in .csv or .jsonl")
+        self.jsonl = self.output is not None and self.output.suffix.lower() != ".csv"
         self.buffer = io.StringIO() if self.output is not None else sys.stdout
         self.csv = None if self.jsonl else csv.DictWriter(self.buffer, CSV_FIELDS, lineterminator="\n")
         if self.csv is not None:
@@ -354,6 +367,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.workers is not None and args.workers < 0:
         parser.error(f"argument --workers: expected 0 or more, got {args.workers}")
+    if args.output not in (None, "-") and Path(args.output).suffix.lower() not in Writer.SUFFIXES:
+        parser.error(f"argument -o/--output: {args.output!r}: the name must end in .csv or .jsonl")
     return args
 
 
@@ -364,12 +379,14 @@ def model_spec(model: Path) -> PreprocessSpec:
         raise PredictError(f"--model {str(model)!r}: not a classifier this project can run ({type(err).__name__}: {err})") from err
 
 
-def classify_all(predictor: Predictor, decoded: Iterator, files: Sequence[Path], truths: list | None,
+def classify_all(predictor: Predictor, decoded: Iterator, files: Sequence[str], truths: list | None,
                  writer: "Writer", args: argparse.Namespace) -> Summary:
     from tqdm import tqdm
 
     summary, started = Summary(), time.perf_counter()
-    with tqdm(total=len(files), unit="img", disable=args.no_progress, file=sys.stderr, smoothing=0.1) as bar:
+    # on a terminal only (None), unless --no-progress: images/s as it goes
+    with tqdm(total=len(files), unit="img", disable=True if args.no_progress else None, file=sys.stderr,
+              smoothing=0.1) as bar:
         outcomes = predict_files(predictor, decoded, files, top_k=args.top_k, batch_size=args.batch_size, progress=bar)
         for i, outcome in enumerate(outcomes):
             outcome.truth = truths[i] if truths else None
@@ -383,7 +400,6 @@ def classify_all(predictor: Predictor, decoded: Iterator, files: Sequence[Path],
 
 def run(args: argparse.Namespace) -> Summary:
     files = collect_inputs(args.paths)
-    writer = Writer(args.output)  # a bad -o name fails before any work
     cpus = usable_cpus()
     with tempfile.TemporaryDirectory(prefix="imgcls-predict-") as workdir:
         model = resolve_model(args.model or default_model_ref(args.params), Path(workdir))
@@ -391,9 +407,12 @@ def run(args: argparse.Namespace) -> Summary:
         truths = folder_labels(args.paths, files, spec.classes)
         with Decoder(spec, cpus if args.workers is None else args.workers, len(files)) as decode:
             predictor = Predictor(model, providers=args.providers, threads=args.threads or cpus)
+            writer = Writer(args.output)
             summary = classify_all(predictor, decode(files), files, truths, writer, args)
     writer.close()
     report(summary, spec.classes, args)
+    if not summary.classified:
+        raise PredictError(f"none of the {summary.skipped} files could be classified (each is listed above, with its reason)")
     return summary
 
 

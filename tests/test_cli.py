@@ -126,3 +126,7 @@ def test_predict_names_every_bad_value_and_writes_nothing(project, digits, tmp_p
         fails(imgcls(project, "predict", *args, "-o", str(out)) if "-o" not in args else imgcls(project, "predict", *args),
               2, named)
         assert not out.exists() and not (tmp_path / "out.txt").exists(), args
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.png").write_text("not an image")
+    fails(imgcls(project, "predict", str(tmp_path / "junk"), "--model", model, "-o", str(out)), 2, "none of the 1 files")
+    assert "not_an_image" in out.read_text()  # the output still says why, per file
