@@ -54,7 +54,7 @@ def serve(argv: list[str]) -> int:
                                      epilog="Other options are passed to `bentoml serve` (see bentoml serve --help); "
                                             "settings: CLASSIFIER_* environment variables (docs/deployment.md).")
     parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 3000)))
+    parser.add_argument("--port", type=int, default=os.environ.get("PORT", "3000"), help="default $PORT, else 3000")
     parser.add_argument("--target", default=SERVICE_TARGET, help="a service import path or a built Bento's tag")
     args, rest = parser.parse_known_args(argv)
     if not 0 < args.port < 65536:

@@ -6,17 +6,23 @@
 
 Every image goes through ``service.predictor.Predictor``: the decoding, ``input_transform``,
 normalization, ONNX Runtime session and answer shape of the HTTP service, so a file gets the label and
-score it gets over HTTP. Folders are searched recursively for image files (by extension); files named
-on the command line are always tried. A file that cannot be used (not an image, truncated, a blank page
-for a digit model) is reported on stderr and in the output with its reason, and skipped: the run goes on.
+score it gets over HTTP, with the service's default size limit for the model (a file the service
+refuses with 413 is refused here too). Folders (also those a glob matches) are searched recursively
+for image files by extension, following linked folders, each real folder once; files named on the
+command line are always tried. A file that cannot be used (not an image, truncated, a blank page for a
+digit model) is reported on stderr and in the output with its reason, and skipped: the run goes on.
+Names that are not UTF-8 are written with backslash escapes.
 
 When the input is one folder shaped like an ImageFolder (every image in a class subfolder named after
 one of the model's classes), the labels are the folder names and the run also prints accuracy and a
 confusion matrix (and writes them with ``--metrics``).
 
-Speed: ``--workers`` processes decode while the main process runs ONNX Runtime on every core the
-process may use (``service.cpus``); decoding of batch i+1 overlaps inference of batch i.
-Output is written atomically; without ``-o`` the CSV goes to stdout. Exit codes: the stages' table
+Speed: ``--workers`` processes (from POOL_MIN_FILES files on) decode while the main process runs ONNX
+Runtime on every core the process may use (``service.cpus``), at most two chunks per worker ahead of it
+(bounded memory). Workers and ONNX Runtime threads both default to the usable CPUs: measured on 2 cores,
+this beats splitting them (bench/predict.py), because the session's threads sleep between batches.
+Output is written atomically; without ``-o`` the CSV goes to stdout; a reader that leaves (``| head``)
+ends the run quietly; Ctrl-C ends it with exit 130 and writes nothing. Exit codes: the stages' table
 (``pipeline.stage``): 0 done (skipped files included, counted in the summary), 2 bad arguments (a path
 that does not exist, no image file found, a bad model reference) or not one file could be classified
 (the output, listing each file's reason, is written all the same), 3 the MLflow store is unusable.
@@ -24,12 +30,17 @@ that does not exist, no image file found, a bad model reference) or not one file
 from __future__ import annotations
 
 import argparse
+import collections
+import concurrent.futures
+import concurrent.futures.process
 import csv
 import glob
 import io
+import itertools
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -41,7 +52,8 @@ import numpy as np
 
 from service.contract import MODEL_FILE, PreprocessSpec, read_metadata
 from service.cpus import usable_cpus
-from service.predictor import DEFAULT_MAX_PIXELS, ImageError, Predictor, prepare
+from service.engine import ProviderError
+from service.predictor import ImageError, Predictor, prepare
 
 from . import atomic, stage
 
@@ -62,10 +74,16 @@ class PredictError(stage.StageError):
 # --- inputs ----------------------------------------------------------------------------------------
 
 def _image_files(root: str) -> list[str]:
-    """Image files under ``root``, depth first, names sorted; hidden files and folders skipped (strings and
-    os.walk: pathlib's per-file objects cost more than a 32x32 JPEG's decoding)."""
-    found = []
-    for folder, subfolders, names in os.walk(root):
+    """Image files under ``root``, depth first, names sorted; hidden files and folders skipped; linked
+    folders followed, each real folder once (strings and os.walk: pathlib's per-file objects cost more
+    than a 32x32 JPEG's decoding)."""
+    found, seen = [], set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link loop, or a folder linked twice
+            subfolders[:] = []
+            continue
+        seen.add(real)
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
         found += [os.path.join(folder, n) for n in sorted(names)
                   if not n.startswith(".") and os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES]
@@ -78,10 +96,11 @@ def _expand(arg: str) -> list[str]:
     if os.path.isfile(arg):
         return [arg]
     if GLOB_CHARS & set(arg):
-        found = sorted(p for p in glob.glob(arg, recursive=True) if os.path.isfile(p))
+        found = [f for p in sorted(glob.glob(arg, recursive=True))
+                 for f in (_image_files(p) if os.path.isdir(p) else [p] if os.path.isfile(p) else [])]
         if found:
             return found
-        raise PredictError(f"{arg!r}: the pattern matches no file")
+        raise PredictError(f"{arg!r}: the pattern matches no image file")
     raise PredictError(f"{arg!r}: no such file or folder")
 
 
@@ -101,15 +120,13 @@ def collect_inputs(args: Sequence[str]) -> list[str]:
 
 
 def folder_labels(args: Sequence[str], files: Sequence[str], classes: Sequence[str]) -> list[str | None] | None:
-    """The class-subfolder name of each file when the input is one ImageFolder-shaped folder (every file in a
-    subfolder, at least one subfolder named after a model class), else None."""
+    """The class-subfolder name of each file when the input is one ImageFolder-shaped folder (every file in
+    a subfolder named after one of the model's classes), else None."""
     if len(args) != 1 or not os.path.isdir(args[0]):
         return None
     root = os.path.join(args[0], "")
-    parts = [f[len(root):].split(os.sep) for f in files]
-    if any(len(rel) < 2 for rel in parts) or not {rel[0] for rel in parts} & set(classes):
-        return None
-    return [rel[0] if rel[0] in classes else None for rel in parts]
+    tops = [f[len(root):].split(os.sep)[0] if os.sep in f[len(root):] else None for f in files]
+    return tops if all(top in classes for top in tops) else None
 
 
 # --- decoding in worker processes ------------------------------------------------------------------
@@ -117,9 +134,10 @@ def folder_labels(args: Sequence[str], files: Sequence[str], classes: Sequence[s
 _SPEC: tuple | None = None  # a worker's (PreprocessSpec, max_pixels)
 
 
-def _init_worker(spec: PreprocessSpec, max_pixels: int) -> None:
+def _init_worker(spec: PreprocessSpec, max_pixels: int | None) -> None:
     global _SPEC
     _SPEC = spec, max_pixels
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: one message, not one per worker
 
 
 def _prepare_files(paths: Sequence[str], spec: tuple | None = None) -> list:
@@ -138,26 +156,35 @@ def _prepare_files(paths: Sequence[str], spec: tuple | None = None) -> list:
     return out
 
 
-class Decoder:
-    """Files -> prepared arrays or ``(reason, message)``, in order. With ``workers`` > 0 (and enough files)
-    that many processes decode ahead of the consumer; they are started on entry, before the caller opens
-    its ONNX Runtime session, so no process forks a live session's threads."""
+class DecodeWorkerDied(stage.StageError):
+    """A decode process died (killed, out of memory): the run stops, naming the files it was on."""
 
-    def __init__(self, spec: PreprocessSpec, workers: int, files: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+
+class Decoder:
+    """Files -> prepared arrays or ``(reason, message)``, in order. With ``workers`` > 0 (and at least
+    POOL_MIN_FILES files) that many processes decode ahead of the consumer, at most ``AHEAD`` chunks per
+    worker (memory stays bounded whatever the folder's size). They are started on entry, before the
+    caller opens its ONNX Runtime session, so no process forks a live session's threads."""
+
+    AHEAD = 2
+
+    def __init__(self, spec: PreprocessSpec, workers: int, files: int, max_pixels: int | None = None) -> None:
         self.spec, self.max_pixels = spec, max_pixels
         self.workers = workers if files >= POOL_MIN_FILES else 0
-        self.pool = None
+        self.pool: concurrent.futures.ProcessPoolExecutor | None = None
 
     def __enter__(self) -> "Decoder":
         if self.workers > 0:
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            self.pool = multiprocessing.get_context(method).Pool(self.workers, _init_worker, (self.spec, self.max_pixels))
+            self.pool = concurrent.futures.ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context(method), initializer=_init_worker,
+                initargs=(self.spec, self.max_pixels))
+            self.pool.submit(int).result()  # forks every worker now (a fork-context pool starts them all at once)
         return self
 
     def __exit__(self, *exc) -> None:
         if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
     def __call__(self, files: Sequence[str]) -> Iterator:
         chunks = [files[i:i + CHUNK] for i in range(0, len(files), CHUNK)]
@@ -165,11 +192,27 @@ class Decoder:
             for chunk in chunks:
                 yield from _prepare_files(chunk, (self.spec, self.max_pixels))
             return
-        for result in self.pool.imap(_prepare_files, chunks):
+        pending = iter(chunks)
+        window = collections.deque((c, self.pool.submit(_prepare_files, c))
+                                   for c in itertools.islice(pending, self.AHEAD * self.workers))
+        while window:
+            chunk, future = window.popleft()
+            try:
+                result = future.result()
+            except concurrent.futures.process.BrokenProcessPool:
+                raise DecodeWorkerDied(f"a decode worker process died (killed, or out of memory?) while decoding "
+                                       f"{_shown(chunk[0])} .. {_shown(chunk[-1])}; nothing was written") from None
+            if (following := next(pending, None)) is not None:
+                window.append((following, self.pool.submit(_prepare_files, following)))
             yield from result
 
 
 # --- the run ---------------------------------------------------------------------------------------
+
+def _shown(path: str) -> str:
+    """A path as text: a name that is not UTF-8 keeps its bytes as backslash escapes (CSV and JSON stay valid)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
 
 @dataclass
 class Outcome:
@@ -211,7 +254,7 @@ def predict_files(predictor: Predictor, decoded: Iterator, files: Sequence[str],
         yield from (pending.pop(i) for i in sorted(pending))
 
     for i, item in enumerate(decoded):
-        pending[i] = Outcome(files[i])
+        pending[i] = Outcome(_shown(files[i]))
         if isinstance(item, tuple):
             pending[i].reason, pending[i].error = item
         else:
@@ -320,6 +363,7 @@ def resolve_model(ref: str, workdir: Path) -> Path:
         return path
     from . import tracking
 
+    tracking.require_store()  # a missing SQLite store is an error, not a new empty one
     name, _, rest = ref.removeprefix("models:/").partition("@")
     if rest:
         found = tracking.version_by_alias(name, rest)
@@ -330,6 +374,8 @@ def resolve_model(ref: str, workdir: Path) -> Path:
         name, _, version = name.partition("/")
         if not version.isdigit():
             raise PredictError(f"--model {ref!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
+        if not tracking.version_exists(name, version):
+            raise PredictError(f"--model {ref!r}: registered model {name!r} has no version {version} in {tracking.tracking_uri()}")
     folder = tracking.download_version(name, version, workdir)
     found = sorted(folder.rglob(MODEL_FILE))
     if not found:
@@ -358,7 +404,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=_positive, default=1, help="entries in each top_k list (default 1)")
     parser.add_argument("--batch-size", type=_positive, default=256, help="images per ONNX Runtime call (default 256)")
     parser.add_argument("--workers", type=int, default=None,
-                        help="decode processes (default: the usable CPUs; 0 decodes in this process)")
+                        help=f"decode processes (default: the usable CPUs; 0, or fewer than {POOL_MIN_FILES} files: "
+                             f"decode in this process)")
     parser.add_argument("--threads", type=_positive, default=None, help="ONNX Runtime threads (default: the usable CPUs)")
     parser.add_argument("--providers", default="auto", help="ONNX Runtime providers, as CLASSIFIER_PROVIDERS (default auto)")
     parser.add_argument("--metrics", help="write counts, images/s and (ImageFolder input) accuracy and confusion here (.json)")
@@ -406,7 +453,10 @@ def run(args: argparse.Namespace) -> Summary:
         spec = model_spec(model)
         truths = folder_labels(args.paths, files, spec.classes)
         with Decoder(spec, cpus if args.workers is None else args.workers, len(files)) as decode:
-            predictor = Predictor(model, providers=args.providers, threads=args.threads or cpus)
+            try:
+                predictor = Predictor(model, providers=args.providers, threads=args.threads or cpus)
+            except ProviderError as err:
+                raise PredictError(f"--providers {args.providers!r}: {err}") from None
             writer = Writer(args.output)
             summary = classify_all(predictor, decode(files), files, truths, writer, args)
     writer.close()
@@ -429,7 +479,13 @@ def report(summary: Summary, classes: Sequence[str], args: argparse.Namespace) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    run(parse_args(argv))
+    try:
+        run(parse_args(argv))
+    except BrokenPipeError:  # `imgcls predict ... | head`: the reader has left; leave quietly too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except KeyboardInterrupt:
+        print("predict: interrupted; nothing written", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -446,6 +446,18 @@ def get_version(name: str, version: str) -> dict:
     return _version_dict(client().get_model_version(name, str(version)), model_aliases(name))
 
 
+def version_exists(name: str, version: str) -> bool:
+    """Whether registered model `name` has `version`; TrackingError when the store cannot answer."""
+    try:
+        client().get_model_version(name, str(version))
+        return True
+    except Exception as err:  # noqa: BLE001
+        if _is_missing(err):
+            return False
+        raise TrackingError(f"MLflow store {tracking_uri()}: cannot read version {version} of {name!r}: "
+                            f"{type(err).__name__}: {err}") from err
+
+
 def _is_missing(err: Exception) -> bool:
     """An MLflow error that means "no such model / alias" rather than "the store failed"."""
     code = str(getattr(err, "error_code", ""))

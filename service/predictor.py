@@ -23,16 +23,17 @@ import numpy as np
 from .contract import PreprocessSpec, normalize
 from .engine import OnnxClassifier
 from .postprocessing import predictions
-from .preprocessing import DEFAULT_MAX_PIXELS, ImageError, spec_to_array
+from .preprocessing import ImageError, pixel_limit, spec_to_array
 
 __all__ = ["Predictor", "ImageError", "prepare"]
 
 
-def prepare(data: bytes, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> "np.ndarray | ImageError":
+def prepare(data: bytes, spec: PreprocessSpec, max_pixels: int | None = None) -> "np.ndarray | ImageError":
     """Encoded bytes -> ``uint8 [C, H, W]``, or the image's :class:`ImageError` (returned, not raised:
-    callers decode many images, in worker processes too, and report each bad one)."""
+    callers decode many images, in worker processes too, and report each bad one). ``max_pixels``:
+    default the service's for this model (``pixel_limit``)."""
     try:
-        return spec_to_array(data, spec, max_pixels=max_pixels)
+        return spec_to_array(data, spec, max_pixels=max_pixels or pixel_limit(spec.image_size))
     except ImageError as err:
         return err
     except Exception as err:  # noqa: BLE001  (a decoder bug is this file's problem, as in the service)
@@ -43,10 +44,12 @@ class Predictor:
     """An ONNX Runtime session of a contract-conforming model, and the service's decode steps."""
 
     def __init__(self, model: str | Path, *, providers: str = "auto", threads: int = 1,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int | None = None) -> None:
         self.engine = OnnxClassifier(model, providers=providers, intra_op_threads=threads)
         self.spec = self.engine.spec
-        self.max_pixels = max_pixels
+        #: the service's default per-image limit for this model (CLASSIFIER_MAX_IMAGE_PIXELS unset), so a
+        #: file too large to be sent over HTTP is refused offline too, with the same 413 reason
+        self.max_pixels = max_pixels or pixel_limit(self.spec.image_size)
 
     @property
     def classes(self) -> tuple[str, ...]:

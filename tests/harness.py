@@ -98,6 +98,21 @@ def load_mnist(directory: Path | None = None) -> Mnist:
     return Mnist(**out)
 
 
+def mnist_image_folder(mnist: Mnist, root: Path, per_class: int) -> Path:
+    """The first ``per_class`` MNIST test digits of each class as 28x28 PNGs in class folders
+    (``root/<label>/<index>.png``: an ImageFolder), for the batch-prediction tests."""
+    from PIL import Image
+
+    counts: dict[int, int] = {}
+    for index, (image, label) in enumerate(zip(mnist.test_images, mnist.test_labels)):
+        label = int(label)
+        if counts.get(label, 0) < per_class:
+            counts[label] = counts.get(label, 0) + 1
+            (root / str(label)).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(root / str(label) / f"{index:05d}.png")
+    return root
+
+
 # --- servers -----------------------------------------------------------------------------------------
 
 def free_port() -> int:

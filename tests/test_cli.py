@@ -11,11 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from pipeline.cli import COMMANDS
 from tests.conftest import Project, clone_project
-from tests.harness import load_mnist
+from tests.harness import mnist_image_folder
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 IMGCLS = str(Path(sys.executable).with_name("imgcls"))
@@ -84,14 +83,9 @@ def test_models_lists_the_zoo():
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
+def digits(mnist, tmp_path_factory) -> Path:
     """60 real MNIST test digits as PNGs, in class folders."""
-    mnist, root = load_mnist(), tmp_path_factory.mktemp("digits") / "mnist"
-    for i in range(60):
-        folder = root / str(int(mnist.test_labels[i]))
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(mnist.test_images[i]).save(folder / f"{i:03d}.png")
-    return root
+    return mnist_image_folder(mnist, tmp_path_factory.mktemp("digits") / "mnist", per_class=6)
 
 
 def test_predict_from_the_registry_champion_to_csv(project, digits, tmp_path):
@@ -114,7 +108,7 @@ def test_predict_names_every_bad_value_and_writes_nothing(project, digits, tmp_p
         (["/no/such/folder"], "/no/such/folder"),
         ([f"{digits}/*.jpeg"], "matches no file"),
         ([str(digits), "--model", "nosuch.onnx"], "nosuch.onnx"),
-        ([str(digits), "--model", str(digits / "7" / "000.png")], "not a classifier"),
+        ([str(digits), "--model", str(next((digits / "7").glob("*.png")))], "not a classifier"),
         ([str(digits), "--model", "models:/image-classifier@nosuch"], "nosuch"),
         ([str(digits), "--model", "models:/image-classifier/x"], "models:/image-classifier/x"),
         ([str(digits), "--model", model, "-o", str(tmp_path / "out.txt")], "out.txt"),

@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from tests.conftest import clone_project
-from tests.harness import REPO, build_tiny_onnx_model, free_port, load_mnist, start, stop, wait_ready
+from tests.harness import REPO, build_tiny_onnx_model, free_port, start, stop, wait_ready
 
 NAME = "image-classifier"
 
@@ -51,11 +51,6 @@ def bad_images() -> dict[str, object]:
 
 
 # --- the loader module, on a tiny real model ---------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def mnist(data_mirror):
-    return load_mnist()
-
 
 @pytest.fixture(scope="module")
 def tiny_onnx(tmp_path_factory, mnist) -> Path:

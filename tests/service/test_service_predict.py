@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.harness import bentoml_env, free_port, running
+from tests.harness import bentoml_env, free_port, mnist_image_folder, running
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 IMGCLS = str(Path(sys.executable).with_name("imgcls"))
@@ -25,14 +25,7 @@ PER_CLASS = 30
 
 @pytest.fixture(scope="module")
 def digit_folder(mnist, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("mnist-png") / "digits"
-    counts: dict[int, int] = {}
-    for image, label in zip(mnist.test_images, mnist.test_labels):
-        label = int(label)
-        if counts.get(label, 0) < PER_CLASS:
-            counts[label] = counts.get(label, 0) + 1
-            (root / str(label)).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(root / str(label) / f"{sum(counts.values()):04d}.png")
+    root = mnist_image_folder(mnist, tmp_path_factory.mktemp("mnist-png") / "digits", PER_CLASS)
     Image.new("L", (28, 28), 235).save(root / "3" / "blank-page.png")
     (root / "5" / "notes.png").write_text("not an image")
     return root

@@ -104,6 +104,21 @@ def test_exif_orientation_is_applied():
     assert pp.decode_image(data, 3).size == (20, 40)
 
 
+def test_only_the_png_plugin_verifies_so_the_others_skip_the_reopen():
+    """decode_image verifies (and reopens) only _VERIFIED_FORMATS: for every other plugin Pillow's
+    verify() is ImageFile's no-op. A Pillow that adds a real one to another plugin fails here."""
+    from PIL import (BmpImagePlugin, GifImagePlugin, ImageFile, JpegImagePlugin, MpoImagePlugin, PngImagePlugin,
+                     TiffImagePlugin, WebPImagePlugin)
+
+    plugins = {"PNG": PngImagePlugin.PngImageFile, "JPEG": JpegImagePlugin.JpegImageFile,
+               "MPO": MpoImagePlugin.MpoImageFile, "WEBP": WebPImagePlugin.WebPImageFile,
+               "BMP": BmpImagePlugin.BmpImageFile, "DIB": BmpImagePlugin.DibImageFile,
+               "TIFF": TiffImagePlugin.TiffImageFile, "GIF": GifImagePlugin.GifImageFile}
+    assert set(plugins) == pp.SUPPORTED_FORMATS
+    for fmt, plugin in plugins.items():
+        assert (plugin.verify is not ImageFile.ImageFile.verify) == (fmt in pp._VERIFIED_FORMATS), fmt
+
+
 def test_xmp_orientation_is_applied_and_a_plain_jpeg_keeps_its_pixels():
     img = svc_images.rgb_image(40, 20)
     xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
