@@ -106,7 +106,7 @@ def test_predict_names_every_bad_value_and_writes_nothing(project, digits, tmp_p
     model = str(project.path / "exports" / "cnn" / "model.onnx")
     cases = [
         (["/no/such/folder"], "/no/such/folder"),
-        ([f"{digits}/*.jpeg"], "matches no file"),
+        ([f"{digits}/*.jpeg"], "matches no image file"),
         ([str(digits), "--model", "nosuch.onnx"], "nosuch.onnx"),
         ([str(digits), "--model", str(next((digits / "7").glob("*.png")))], "not a classifier"),
         ([str(digits), "--model", "models:/image-classifier@nosuch"], "nosuch"),
