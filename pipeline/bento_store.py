@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -46,6 +47,12 @@ __all__ = [
 ]
 
 DEFAULT_MODEL_NAME = "image-classifier"
+
+
+def bentoml_executable() -> str | None:
+    """The `bentoml` command of this interpreter's environment, else the one on PATH (None: neither)."""
+    here = Path(sys.executable).with_name("bentoml")
+    return str(here) if here.exists() else shutil.which("bentoml")
 
 
 def save_to_bento_store(

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -59,8 +58,9 @@ def serve(argv: list[str]) -> int:
     args, rest = parser.parse_known_args(argv)
     if not 0 < args.port < 65536:
         parser.error(f"argument --port: {args.port} is not a TCP port")
-    here = Path(sys.executable).with_name("bentoml")
-    bentoml = str(here) if here.exists() else shutil.which("bentoml")
+    from .bento_store import bentoml_executable
+
+    bentoml = bentoml_executable()
     if bentoml is None:
         raise stage.StageError("the `bentoml` command is not installed in this environment (pip install -e .)")
     cmd = [bentoml, "serve", args.target, "--host", args.host, "--port", str(args.port), *rest]

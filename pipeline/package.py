@@ -15,9 +15,9 @@ import argparse
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from . import atomic, stage, tracking
+from .bento_store import bentoml_executable
 from .params import load_params
 from .paths import RELEASE_DIR, REPO_ROOT, experiments_may_promote, isolated_experiment
 from .serving import CHAMPION, ServingError, sync_alias
@@ -26,10 +26,9 @@ from .serving import CHAMPION, ServingError, sync_alias
 def build_bento(entry: dict, alias: str) -> str:
     """`bentoml build` pinned to the store entry ``entry["tag"]`` (the build imports the service with
     CLASSIFIER_MODEL_VERSION set, so its model reference is that version); the Bento's tag."""
-    bentoml = Path(sys.executable).with_name("bentoml")
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "CLASSIFIER_MODEL_VERSION": entry["tag"].split(":", 1)[1]}
     labels = {"model_tag": entry["tag"], "registry_version": entry["registry_version"], "built_from_alias": alias}
-    cmd = [str(bentoml) if bentoml.exists() else "bentoml", "build", "-o", "tag",
+    cmd = [bentoml_executable() or "bentoml", "build", "-o", "tag",
            *[arg for key, value in labels.items() for arg in ("--label", f"{key}={value}")], str(REPO_ROOT)]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env=env)
     if out.returncode != 0:

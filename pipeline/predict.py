@@ -230,13 +230,19 @@ class Summary:
     classified: int = 0
     skipped: int = 0
     seconds: float = 0.0
-    labelled: int = 0
-    correct: int = 0
-    confusion: dict = field(default_factory=dict)
+    confusion: dict = field(default_factory=dict)  # true class -> predicted class -> images
 
     @property
     def images_per_s(self) -> float:
         return self.classified / self.seconds if self.seconds else 0.0
+
+    @property
+    def labelled(self) -> int:
+        return sum(sum(row.values()) for row in self.confusion.values())
+
+    @property
+    def correct(self) -> int:
+        return sum(row.get(truth, 0) for truth, row in self.confusion.items())
 
 
 def predict_files(predictor: Predictor, decoded: Iterator, files: Sequence[str], *, top_k: int = 1,
@@ -272,8 +278,6 @@ def tally(summary: Summary, outcome: Outcome) -> None:
         return
     summary.classified += 1
     if outcome.truth is not None:
-        summary.labelled += 1
-        summary.correct += outcome.answer["label"] == outcome.truth
         row = summary.confusion.setdefault(outcome.truth, {})
         row[outcome.answer["label"]] = row.get(outcome.answer["label"], 0) + 1
 
