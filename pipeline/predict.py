@@ -17,10 +17,10 @@ When the input is one folder shaped like an ImageFolder (every image in a class 
 one of the model's classes), the labels are the folder names and the run also prints accuracy and a
 confusion matrix (and writes them with ``--metrics``).
 
-Speed: ``--workers`` processes (from POOL_MIN_FILES files on) decode while the main process runs ONNX
-Runtime on every core the process may use (``service.cpus``), at most two chunks per worker ahead of it
-(bounded memory). Workers and ONNX Runtime threads both default to the usable CPUs: measured on 2 cores,
-this beats splitting them (bench/predict.py), because the session's threads sleep between batches.
+Speed: on CPU, ``--workers`` processes (from POOL_MIN_FILES files on; default the CPUs the process
+may use, ``service.cpus``) each decode and classify a share of the files with their own one-thread
+session (``--threads``); on a GPU, one session in this process is fed by ``--workers`` decoding
+processes (:class:`Runner`). At most two chunks per worker are in flight (bounded memory).
 Output is written atomically; without ``-o`` the CSV goes to stdout; a reader that leaves (``| head``)
 ends the run quietly; Ctrl-C ends it with exit 130 and writes nothing. Exit codes: the stages' table
 (``pipeline.stage``): 0 done (skipped files included, counted in the summary), 2 bad arguments (a path
@@ -52,7 +52,8 @@ import numpy as np
 
 from service.contract import MODEL_FILE, PreprocessSpec, read_metadata
 from service.cpus import usable_cpus
-from service.engine import ProviderError
+from service.engine import CPU, ProviderError, resolve_providers
+from service.postprocessing import predictions
 from service.predictor import ImageError, Predictor, prepare
 
 from . import atomic, stage
@@ -60,9 +61,11 @@ from . import atomic, stage
 #: what a folder search picks up (files named on the command line are tried whatever their name)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
 GLOB_CHARS = frozenset("*?[")
-#: files handed to a decode worker at a time: large enough that a task's pickling (~50 us) is noise
-#: next to its decoding (32x32 JPEG ~60 us, 28x28 PNG with ``digit`` ~250 us), small enough to keep order cheap
-CHUNK = 64
+#: files per worker task at most: a task's overhead (pickling, two pipe messages: ~0.1-0.2 ms) is then
+#: under 1 % of its decoding (32x32 JPEG ~60 us, 28x28 PNG with ``digit`` ~250 us), whatever --batch-size
+TASK_FILES = 256
+#: a run's tasks per worker at least: 16 keeps a worker's last task under ~7 % of a run's time
+TASKS_PER_WORKER = 16
 #: below this many files, decoding in-process beats starting worker processes (~0.1 s each)
 POOL_MIN_FILES = 512
 
@@ -129,20 +132,44 @@ def folder_labels(args: Sequence[str], files: Sequence[str], classes: Sequence[s
     return tops if all(top in classes for top in tops) else None
 
 
-# --- decoding in worker processes ------------------------------------------------------------------
+# --- decoding and classifying in worker processes ---------------------------------------------------
 
-_SPEC: tuple | None = None  # a worker's (PreprocessSpec, max_pixels)
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What each worker process starts with. ``model`` set: the worker classifies too, with its own
+    ONNX Runtime session of ``threads`` threads; None: it only decodes."""
+
+    spec: PreprocessSpec
+    max_pixels: int | None = None
+    model: str | None = None
+    providers: str = "cpu"
+    threads: int = 1
+    batch_size: int = 256
 
 
-def _init_worker(spec: PreprocessSpec, max_pixels: int | None) -> None:
-    global _SPEC
-    _SPEC = spec, max_pixels
+_WORKER: tuple | None = None  # a worker's (WorkerSetup, Predictor | ProviderError | None, start barrier)
+
+
+def _init_worker(setup: WorkerSetup, started) -> None:
+    global _WORKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: one message, not one per worker
+    predictor: Predictor | ProviderError | None = None
+    if setup.model is not None:
+        try:
+            predictor = Predictor(setup.model, providers=setup.providers, threads=setup.threads,
+                                  max_pixels=setup.max_pixels)
+        except ProviderError as err:  # raised by each task, so the parent can say it (a failed initializer only breaks the pool)
+            predictor = err
+    _WORKER = setup, predictor, started
 
 
-def _prepare_files(paths: Sequence[str], spec: tuple | None = None) -> list:
-    """Each file -> ``uint8 [C, H, W]`` or ``(reason, message)``: what crosses the process boundary."""
-    spec, max_pixels = spec or _SPEC
+def _started() -> None:
+    """Held until every worker runs it: each has taken one such task, so each has its session."""
+    _WORKER[2].wait(timeout=600)
+
+
+def _prepare_files(paths: Sequence[str], spec: PreprocessSpec, max_pixels: int | None) -> list:
+    """Each file -> ``uint8 [C, H, W]`` or ``(reason, message)``."""
     out = []
     for path in paths:
         try:
@@ -156,55 +183,110 @@ def _prepare_files(paths: Sequence[str], spec: tuple | None = None) -> list:
     return out
 
 
-class DecodeWorkerDied(stage.StageError):
-    """A decode process died (killed, out of memory): the run stops, naming the files it was on."""
+def _work(paths: Sequence[str]) -> "list | tuple[np.ndarray, list]":
+    """A worker's task, what crosses the process boundary: the decoded files (a decoding worker), or
+    ``(logits [files decoded, K], [None or (reason, message) per file])`` (a classifying worker)."""
+    setup, predictor, _ = _WORKER
+    items = _prepare_files(paths, setup.spec, setup.max_pixels)
+    if predictor is None:
+        return items
+    if isinstance(predictor, ProviderError):
+        raise predictor
+    logits = predictor.logits([a for a in items if not isinstance(a, tuple)], setup.batch_size)
+    return logits, [a if isinstance(a, tuple) else None for a in items]
 
 
-class Decoder:
-    """Files -> prepared arrays or ``(reason, message)``, in order. With ``workers`` > 0 (and at least
-    POOL_MIN_FILES files) that many processes decode ahead of the consumer, at most ``AHEAD`` chunks per
-    worker (memory stays bounded whatever the folder's size). They are started on entry, before the
-    caller opens its ONNX Runtime session, so no process forks a live session's threads."""
+class WorkerDied(stage.StageError):
+    """A worker process died (killed, out of memory): the run stops, naming the files it was on."""
+
+
+class Runner:
+    """Files -> each file's answer (the service's dict) or ``(reason, message)``, in file order.
+
+    How the work is split (``workers`` > 0 and at least POOL_MIN_FILES files):
+
+    - CPU: each of ``workers`` processes decodes a chunk of files and classifies it with its own
+      session of ``threads`` threads (default 1). Measured on 2 cores (bench/predict.py), this is
+      10-35 % faster than one session on every core fed by decoding processes: a one-thread session
+      wastes no time at the barriers of each operator, and an image is decoded on the core that
+      classifies it. The cost: one session's memory per worker.
+    - GPU (the providers start with a GPU one): one session in this process, ``threads`` threads
+      (default: the usable CPUs), fed by ``workers`` decoding processes.
+
+    Otherwise one session in this process does everything. At most ``AHEAD`` chunks per worker are in
+    flight (memory stays bounded whatever the folder's size); the processes are forked before this
+    process opens any session, so none inherits a live session's threads.
+    """
 
     AHEAD = 2
 
-    def __init__(self, spec: PreprocessSpec, workers: int, files: int, max_pixels: int | None = None) -> None:
-        self.spec, self.max_pixels = spec, max_pixels
+    def __init__(self, model: Path, spec: PreprocessSpec, *, workers: int, threads: int | None = None,
+                 providers: str = "auto", batch_size: int = 256, files: int = 0) -> None:
+        self.model, self.spec, self.providers, self.batch_size = model, spec, providers, batch_size
         self.workers = workers if files >= POOL_MIN_FILES else 0
+        on_cpu = resolve_providers(providers)[0][0] == CPU  # a bad setting is a ProviderError here, before any fork
+        self.pooled_sessions = self.workers > 0 and on_cpu
+        self.threads = threads or (1 if self.pooled_sessions else usable_cpus())
+        # each worker gets at least TASKS_PER_WORKER tasks, so the workers end together (the last task's time
+        # is the imbalance); a task is run batch_size files at a time
+        self.chunk = min(TASK_FILES, -(-files // (TASKS_PER_WORKER * self.workers))) if self.workers else batch_size
         self.pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self.predictor: Predictor | None = None
 
-    def __enter__(self) -> "Decoder":
+    def __enter__(self) -> "Runner":
         if self.workers > 0:
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            setup = WorkerSetup(self.spec, model=str(self.model) if self.pooled_sessions else None,
+                                providers=self.providers, threads=self.threads, batch_size=self.batch_size)
+            context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
             self.pool = concurrent.futures.ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context(method), initializer=_init_worker,
-                initargs=(self.spec, self.max_pixels))
-            self.pool.submit(int).result()  # forks every worker now (a fork-context pool starts them all at once)
+                self.workers, mp_context=context, initializer=_init_worker,
+                initargs=(setup, context.Barrier(self.workers)))
+            # every worker started, with its session (images/s then counts no model load)
+            for future in [self.pool.submit(_started) for _ in range(self.workers)]:
+                self._result(future, "starting")
+        if not self.pooled_sessions:
+            self.predictor = Predictor(self.model, providers=self.providers, threads=self.threads)
         return self
 
     def __exit__(self, *exc) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
-    def __call__(self, files: Sequence[str]) -> Iterator:
-        chunks = [files[i:i + CHUNK] for i in range(0, len(files), CHUNK)]
-        if self.pool is None:
-            for chunk in chunks:
-                yield from _prepare_files(chunk, (self.spec, self.max_pixels))
-            return
-        pending = iter(chunks)
-        window = collections.deque((c, self.pool.submit(_prepare_files, c))
-                                   for c in itertools.islice(pending, self.AHEAD * self.workers))
+    def __call__(self, files: Sequence[str], top_k: int = 1) -> Iterator:
+        chunks = (files[i:i + self.chunk] for i in range(0, len(files), self.chunk))
+        results = self._pooled(chunks) if self.pool is not None else (
+            _prepare_files(c, self.spec, None) for c in chunks)
+        for result in results:
+            yield from self._answers(result, top_k)
+
+    def _answers(self, result: "list | tuple[np.ndarray, list]", top_k: int) -> Iterator:
+        """One chunk's answers and errors, in order."""
+        if isinstance(result, tuple):
+            logits, items = result
+            answers = iter(predictions(logits, self.spec.classes, top_k))
+        else:
+            items = result
+            answers = iter(self.predictor.classify_arrays([a for a in items if not isinstance(a, tuple)], top_k,
+                                                          self.batch_size))
+        return (item if isinstance(item, tuple) else next(answers) for item in items)
+
+    @staticmethod
+    def _result(future: concurrent.futures.Future, doing: str):
+        try:
+            return future.result()
+        except concurrent.futures.process.BrokenProcessPool:
+            raise WorkerDied(f"a worker process died (killed, or out of memory?) while {doing}; "
+                             f"nothing was written") from None
+
+    def _pooled(self, chunks: Iterator[Sequence[str]]) -> Iterator:
+        window = collections.deque((c, self.pool.submit(_work, c))
+                                   for c in itertools.islice(chunks, self.AHEAD * self.workers))
         while window:
             chunk, future = window.popleft()
-            try:
-                result = future.result()
-            except concurrent.futures.process.BrokenProcessPool:
-                raise DecodeWorkerDied(f"a decode worker process died (killed, or out of memory?) while decoding "
-                                       f"{_shown(chunk[0])} .. {_shown(chunk[-1])}; nothing was written") from None
-            if (following := next(pending, None)) is not None:
-                window.append((following, self.pool.submit(_prepare_files, following)))
-            yield from result
+            result = self._result(future, f"on {_shown(chunk[0])} .. {_shown(chunk[-1])}")
+            if (following := next(chunks, None)) is not None:
+                window.append((following, self.pool.submit(_work, following)))
+            yield result
 
 
 # --- the run ---------------------------------------------------------------------------------------
@@ -245,31 +327,15 @@ class Summary:
         return sum(row.get(truth, 0) for truth, row in self.confusion.items())
 
 
-def predict_files(predictor: Predictor, decoded: Iterator, files: Sequence[str], *, top_k: int = 1,
-                  batch_size: int = 256, progress=None) -> Iterator[Outcome]:
-    """Outcomes in file order: ``decoded`` (a :class:`Decoder`'s output for ``files``) classified
-    ``batch_size`` at a time."""
-    batch: list[tuple[int, np.ndarray]] = []
-    pending: dict[int, Outcome] = {}
-
-    def flush() -> Iterator[Outcome]:
-        answers = predictor.classify_arrays([a for _, a in batch], top_k)
-        for (i, _), answer in zip(batch, answers):
-            pending[i].answer = answer
-        batch.clear()
-        yield from (pending.pop(i) for i in sorted(pending))
-
-    for i, item in enumerate(decoded):
-        pending[i] = Outcome(_shown(files[i]))
-        if isinstance(item, tuple):
-            pending[i].reason, pending[i].error = item
-        else:
-            batch.append((i, item))
+def outcomes(results: Iterator, files: Sequence[str], progress=None) -> Iterator[Outcome]:
+    """A :class:`Runner`'s results for ``files`` as output rows."""
+    for path, item in zip(files, results):
         if progress is not None:
             progress.update(1)
-        if len(batch) >= batch_size:
-            yield from flush()
-    yield from flush()
+        if isinstance(item, tuple):
+            yield Outcome(_shown(path), reason=item[0], error=item[1])
+        else:
+            yield Outcome(_shown(path), answer=item)
 
 
 def tally(summary: Summary, outcome: Outcome) -> None:
@@ -408,9 +474,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=_positive, default=1, help="entries in each top_k list (default 1)")
     parser.add_argument("--batch-size", type=_positive, default=256, help="images per ONNX Runtime call (default 256)")
     parser.add_argument("--workers", type=int, default=None,
-                        help=f"decode processes (default: the usable CPUs; 0, or fewer than {POOL_MIN_FILES} files: "
-                             f"decode in this process)")
-    parser.add_argument("--threads", type=_positive, default=None, help="ONNX Runtime threads (default: the usable CPUs)")
+                        help=f"processes that decode and (on CPU) classify, each with its own session (default: the "
+                             f"usable CPUs; 0, or fewer than {POOL_MIN_FILES} files: all in this process)")
+    parser.add_argument("--threads", type=_positive, default=None,
+                        help="ONNX Runtime threads per session (default: 1 per worker; the usable CPUs for a session "
+                             "in this process)")
     parser.add_argument("--providers", default="auto", help="ONNX Runtime providers, as CLASSIFIER_PROVIDERS (default auto)")
     parser.add_argument("--metrics", help="write counts, images/s and (ImageFolder input) accuracy and confusion here (.json)")
     parser.add_argument("--params", default="params.yaml", help=argparse.SUPPRESS)
@@ -430,16 +498,15 @@ def model_spec(model: Path) -> PreprocessSpec:
         raise PredictError(f"--model {str(model)!r}: not a classifier this project can run ({type(err).__name__}: {err})") from err
 
 
-def classify_all(predictor: Predictor, decoded: Iterator, files: Sequence[str], truths: list | None,
-                 writer: "Writer", args: argparse.Namespace) -> Summary:
+def classify_all(runner: Runner, files: Sequence[str], truths: list | None, writer: "Writer",
+                 args: argparse.Namespace) -> Summary:
     from tqdm import tqdm
 
     summary, started = Summary(), time.perf_counter()
     # on a terminal only (None), unless --no-progress: images/s as it goes
     with tqdm(total=len(files), unit="img", disable=True if args.no_progress else None, file=sys.stderr,
               smoothing=0.1) as bar:
-        outcomes = predict_files(predictor, decoded, files, top_k=args.top_k, batch_size=args.batch_size, progress=bar)
-        for i, outcome in enumerate(outcomes):
+        for i, outcome in enumerate(outcomes(runner(files, args.top_k), files, progress=bar)):
             outcome.truth = truths[i] if truths else None
             if outcome.answer is None:
                 bar.write(f"predict: skipped {outcome.path}: {outcome.reason}: {outcome.error}", file=sys.stderr)
@@ -451,18 +518,18 @@ def classify_all(predictor: Predictor, decoded: Iterator, files: Sequence[str], 
 
 def run(args: argparse.Namespace) -> Summary:
     files = collect_inputs(args.paths)
-    cpus = usable_cpus()
     with tempfile.TemporaryDirectory(prefix="imgcls-predict-") as workdir:
         model = resolve_model(args.model or default_model_ref(args.params), Path(workdir))
         spec = model_spec(model)
         truths = folder_labels(args.paths, files, spec.classes)
-        with Decoder(spec, cpus if args.workers is None else args.workers, len(files)) as decode:
-            try:
-                predictor = Predictor(model, providers=args.providers, threads=args.threads or cpus)
-            except ProviderError as err:
-                raise PredictError(f"--providers {args.providers!r}: {err}") from None
-            writer = Writer(args.output)
-            summary = classify_all(predictor, decode(files), files, truths, writer, args)
+        try:
+            with Runner(model, spec, workers=usable_cpus() if args.workers is None else args.workers,
+                        threads=args.threads, providers=args.providers, batch_size=args.batch_size,
+                        files=len(files)) as runner:
+                writer = Writer(args.output)
+                summary = classify_all(runner, files, truths, writer, args)
+        except ProviderError as err:
+            raise PredictError(f"--providers {args.providers!r}: {err}") from None
     writer.close()
     report(summary, spec.classes, args)
     if not summary.classified:

@@ -59,12 +59,18 @@ class Predictor:
         """:func:`prepare` with this model's spec."""
         return prepare(data, self.spec, self.max_pixels)
 
-    def classify_arrays(self, arrays: Sequence[np.ndarray], top_k: int = 1) -> list[dict]:
-        """Prepared ``uint8 [C, H, W]`` arrays -> one answer per array (one ONNX Runtime call)."""
+    def logits(self, arrays: Sequence[np.ndarray], batch_size: int | None = None) -> np.ndarray:
+        """Prepared ``uint8 [C, H, W]`` arrays -> ``float32 [N, K]`` logits, ``batch_size`` per ONNX
+        Runtime call (default: all at once)."""
         if not len(arrays):
-            return []
-        logits = self.engine.logits(normalize(np.stack(arrays), self.spec.mean, self.spec.std))
-        return predictions(logits, self.classes, top_k)
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        step = batch_size or len(arrays)
+        return np.concatenate([self.engine.logits(normalize(np.stack(arrays[i:i + step]), self.spec.mean, self.spec.std))
+                               for i in range(0, len(arrays), step)])
+
+    def classify_arrays(self, arrays: Sequence[np.ndarray], top_k: int = 1, batch_size: int | None = None) -> list[dict]:
+        """Prepared ``uint8 [C, H, W]`` arrays -> one answer per array."""
+        return predictions(self.logits(arrays, batch_size), self.classes, top_k) if len(arrays) else []
 
     def classify(self, blobs: Sequence[bytes], top_k: int = 1) -> "list[dict | ImageError]":
         """Encoded images -> an answer or an :class:`ImageError` per image, in order."""

@@ -1,5 +1,5 @@
 """`pipeline.predict`'s pieces without a model: what a folder, a glob and links expand to, when a folder is
-an ImageFolder, the decode processes (order, bad files, a file gone mid-run, a worker killed), and file
+an ImageFolder, the worker processes (order, bad files, a file gone mid-run, a bad provider, a worker killed), and file
 names that are not UTF-8. The end-to-end runs are in tests/test_cli.py and tests/service/test_service_predict.py."""
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ SPEC = PreprocessSpec(channels=1, image_size=28, mean=(0.5,), std=(0.25,), resiz
 
 def png(path, value: int) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("L", (28, 28), value).save(path)
+    Image.effect_noise((28, 28), 40 + value).save(path)  # each image its own answer
     return str(path)
 
 
@@ -62,33 +62,71 @@ def test_an_image_folder_is_one_folder_whose_every_file_sits_in_a_class_subfolde
     assert predict.folder_labels([str(folder), str(folder)], files, SPEC.classes) is None
 
 
-def _prepared(files, workers):
-    with predict.Decoder(SPEC, workers, len(files)) as decode:
-        return list(decode(files))
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """An untrained 1x28x28 -> 10 `cnn`, exported with the contract (answers differ per image all the same)."""
+    import torch
+
+    from models.registry import create_model
+    from tests import harness
+
+    torch.manual_seed(0)
+    net = create_model("cnn", 1, 10, 28).eval()
+    return harness.export_with_contract(net, tmp_path_factory.mktemp("model") / "model.onnx", "cnn",
+                                        input_transform="resize")
 
 
-def test_decode_processes_give_the_in_process_answers_in_order(folder, monkeypatch):
+def _answers(model, files, workers, providers="cpu", top_k=3):
+    with predict.Runner(model, predict.model_spec(model), workers=workers, providers=providers, batch_size=4,
+                        files=len(files)) as runner:
+        return list(runner(files, top_k)), runner
+
+
+def _same(a, b):
+    if isinstance(a, tuple):
+        return a == b
+    return a["label"] == b["label"] and [t["index"] for t in a["top_k"]] == [t["index"] for t in b["top_k"]] and \
+        np.allclose([t["score"] for t in a["top_k"]], [t["score"] for t in b["top_k"]], atol=1e-5)
+
+
+def test_worker_processes_give_the_in_process_answers_in_order(folder, model, monkeypatch):
     monkeypatch.setattr(predict, "POOL_MIN_FILES", 1)
-    monkeypatch.setattr(predict, "CHUNK", 2)
+    monkeypatch.setattr(predict, "TASKS_PER_WORKER", 2)  # tasks of 7 files, run 4 at a time
+    for i in range(3, 20):  # enough files for chunks of several (order within a chunk is checked too)
+        png(folder / "1" / f"{i}.png", 4 * i)
     (folder / "0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     files = predict.collect_inputs([str(folder)]) + [str(folder / "gone.png")]  # listed, then gone
-    alone, pooled = _prepared(files, 0), _prepared(files, 2)
-    assert len(pooled) == len(files)
-    for a, b in zip(alone, pooled):
-        assert (isinstance(a, tuple) and a == b) or np.array_equal(a, b)
+    alone, runner = _answers(model, files, 0)
+    assert runner.pool is None and runner.threads >= 1
+    # CPU: each worker decodes and classifies; "cuda" (here it falls back to CPU): workers only decode
+    for providers, sessions in (("cpu", True), ("cuda", False)):
+        pooled, runner = _answers(model, files, 2, providers)
+        assert runner.pooled_sessions is sessions and (runner.predictor is None) is sessions and runner.chunk == 7
+        assert len(pooled) == len(files) and all(_same(a, b) for a, b in zip(alone, pooled)), providers
     reasons = {os.path.basename(f): item[0] for f, item in zip(files, pooled) if isinstance(item, tuple)}
     assert reasons == {"broken.png": "not_an_image", "gone.png": "unreadable"}
+    assert len({a["top_k"][0]["score"] for a in alone if isinstance(a, dict)}) > 1  # not one answer repeated
 
 
-def _die(paths, spec=None):
+def test_providers_that_cannot_start_are_an_error_naming_them(folder, model, monkeypatch):
+    from service.engine import cuda_driver_present
+
+    monkeypatch.setattr(predict, "POOL_MIN_FILES", 1)
+    files = predict.collect_inputs([str(folder)])
+    for setting in ("bogus", "cuda-only")[:1 if cuda_driver_present() else 2]:  # strict CUDA starts on a GPU machine
+        with pytest.raises(predict.ProviderError, match=setting):
+            _answers(model, files, 2, setting)
+
+
+def _die(paths, spec, max_pixels):
     os._exit(9)
 
 
-def test_a_killed_decode_worker_stops_the_run_with_a_message_not_a_hang(folder, monkeypatch):
+def test_a_killed_worker_stops_the_run_with_a_message_not_a_hang(folder, model, monkeypatch):
     monkeypatch.setattr(predict, "POOL_MIN_FILES", 1)
     monkeypatch.setattr(predict, "_prepare_files", _die)  # the forked workers run it too
-    with pytest.raises(predict.DecodeWorkerDied, match="decode worker process died"):
-        _prepared(predict.collect_inputs([str(folder)]), 2)
+    with pytest.raises(predict.WorkerDied, match="worker process died"):
+        _answers(model, predict.collect_inputs([str(folder)]), 2)
 
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="macOS file systems refuse names that are not UTF-8")

@@ -165,6 +165,17 @@ def test_normalize_matches_the_contract_formula():
         pp.normalize(batch, (0.5,), (0.2,))
 
 
+@pytest.mark.parametrize("mean, std", [((0.1307,), (0.3081,)), ((0.4914, 0.4822, 0.4465), (0.247, 0.2435, 0.2616))])
+def test_normalize_lookup_is_bit_identical_to_the_float32_arithmetic(mean, std):
+    channels = len(mean)
+    batch = np.broadcast_to(np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16), (2, channels, 16, 16)).copy()
+    batch[1] = batch[1, :, ::-1]
+    m, s = (np.asarray(v, np.float32).reshape(channels, 1, 1) for v in (mean, std))
+    arithmetic = (batch.astype(np.float32) / np.float32(255.0) - m) / s
+    np.testing.assert_array_equal(pp.normalize(batch, mean, std), arithmetic)
+    np.testing.assert_array_equal(pp.normalize(batch[1], mean, std), arithmetic[1])
+
+
 def test_preprocess_batch_and_pipeline_signature():
     spec = PreprocessSpec(channels=1, image_size=28, mean=(0.1307,), std=(0.3081,))
     batch = pp.preprocess_batch([SAMPLES["png_rgb"], SAMPLES["jpeg_gray"]], spec)
