@@ -24,6 +24,9 @@ def scratch_registry():
 
 def test_the_zoo_is_registered():
     assert {"mlp", "lenet5", "cnn", "inception", "resnet", "resnet20", "vgg"} <= set(list_models())
+    tutorials = {"mlp_dropout", "mlp5", "lenet5_avgpool", "cnn_dropout", "cnn_3conv", "cnn_3x3", "resnet_small",
+                 "resnet_small_scaled", "resnet_small_conv1x1", "vgg_2", "torchvision_vgg16", "torchvision_resnet18"}
+    assert tutorials <= set(list_models())
     assert list_models() == sorted(list_models())
 
 
@@ -113,7 +116,19 @@ def test_unknown_model_raises_value_error_naming_it():
 
 @pytest.mark.parametrize("name, kwargs, message", [
     ("cnn", {"wings": 2}, r"bad arguments for model 'cnn'.*wings"),
-    ("mlp", {"hidden": (8,), "dropout": 0.5}, r"bad arguments for model 'mlp'.*dropout"),
+    ("mlp", {"hidden": (8,), "depth": 3}, r"bad arguments for model 'mlp'.*depth"),
+    ("mlp_dropout", {"hidden": (8,)}, r"bad arguments for model 'mlp_dropout'.*hidden"),
+    ("mlp", {"dropout": 1.0}, r"dropout must be a number in \[0, 1\), got 1\.0"),
+    ("cnn_dropout", {"dropout": -0.1}, r"dropout .* got -0\.1"),
+    ("vgg_2", {"dropout": "0.5"}, r"dropout .* got '0\.5'"),
+    ("cnn_3x3", {"init": "he"}, r"init must be one of 'default', 'kaiming', 'xavier', 'vgg', got 'he'"),
+    ("resnet_small", {"shortcut": "projection"}, r"shortcut must be one of .*'conv1x1', got 'projection'"),
+    ("resnet_small_scaled", {"shortcut": "conv1x1"}, r"bad arguments for model 'resnet_small_scaled'.*shortcut"),
+    ("torchvision_vgg16", {"resize_to": None}, r"torchvision_vgg16 needs inputs of at least 32 px.*28 px"),
+    ("torchvision_vgg16", {"resize_to": 16}, r"torchvision_vgg16 needs inputs of at least 32 px.*16 px"),
+    ("torchvision_vgg16", {"dropout": 1.0}, r"dropout must be a number in \[0, 1\), got 1\.0"),
+    ("torchvision_resnet18", {"resize_to": 0}, r"torchvision_resnet18 resize_to must be a positive integer"),
+    ("torchvision_resnet18", {"resize_to": 64.0}, r"resize_to must be a positive integer or None, got 64\.0"),
     ("vgg", {"depth": 12}, "vgg depth"),
     ("vgg", {"width": 0}, "vgg width"),
     ("resnet", {"depth": 7}, "resnet depth"),
