@@ -5,9 +5,10 @@ SHAPES = {"1x28x28": (1, 28), "3x32x32": (3, 32)}
 
 
 def main() -> None:
-    print(f"{'model':<12}" + "".join(f"{'params ' + k:>20}{'MACs ' + k:>18}" for k in SHAPES))
+    width = max(len("model"), *map(len, list_models())) + 2
+    print(f"{'model':<{width}}" + "".join(f"{'params ' + k:>20}{'MACs ' + k:>18}" for k in SHAPES))
     for name in list_models():
-        row = f"{name:<12}"
+        row = f"{name:<{width}}"
         for channels, size in SHAPES.values():
             s = summarize(create_model(name, channels, 10, size), (channels, size, size))
             row += f"{s['num_params']:>20,}{s['macs']:>18,}"

@@ -61,11 +61,12 @@ from . import atomic, stage
 #: what a folder search picks up (files named on the command line are tried whatever their name)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
 GLOB_CHARS = frozenset("*?[")
-#: files per worker task at most: a task's overhead (pickling, two pipe messages: ~0.1-0.2 ms) is then
-#: under 1 % of its decoding (32x32 JPEG ~60 us, 28x28 PNG with ``digit`` ~250 us), whatever --batch-size
+#: files per worker task, at most and at least: a task's overhead (pickling, two pipe messages: ~0.1-0.2
+#: ms) is then ~1 % of its decoding (32x32 JPEG ~70 us, 28x28 PNG with ``digit`` ~250 us), whatever
+#: --batch-size; tasks shrink towards the end of a run (guided: a share of what is left), so the workers
+#: finish within a few images of each other
 TASK_FILES = 256
-#: a run's tasks per worker at least: 16 keeps a worker's last task under ~7 % of a run's time
-TASKS_PER_WORKER = 16
+MIN_TASK_FILES = 8
 #: below this many files, decoding in-process beats starting worker processes (~0.1 s each)
 POOL_MIN_FILES = 512
 
@@ -227,9 +228,6 @@ class Runner:
         on_cpu = resolve_providers(providers)[0][0] == CPU  # a bad setting is a ProviderError here, before any fork
         self.pooled_sessions = self.workers > 0 and on_cpu
         self.threads = threads or (1 if self.pooled_sessions else usable_cpus())
-        # each worker gets at least TASKS_PER_WORKER tasks, so the workers end together (the last task's time
-        # is the imbalance); a task is run batch_size files at a time
-        self.chunk = min(TASK_FILES, -(-files // (TASKS_PER_WORKER * self.workers))) if self.workers else batch_size
         self.pool: concurrent.futures.ProcessPoolExecutor | None = None
         self.predictor: Predictor | None = None
 
@@ -253,11 +251,21 @@ class Runner:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
     def __call__(self, files: Sequence[str], top_k: int = 1) -> Iterator:
-        chunks = (files[i:i + self.chunk] for i in range(0, len(files), self.chunk))
+        chunks = self._chunks(files)
         results = self._pooled(chunks) if self.pool is not None else (
             _prepare_files(c, self.spec, None) for c in chunks)
         for result in results:
             yield from self._answers(result, top_k)
+
+    def _chunks(self, files: Sequence[str]) -> Iterator[Sequence[str]]:
+        """Batches of files in this process; worker tasks of a share of what is left (a worker runs its
+        task ``batch_size`` files at a time)."""
+        start = 0
+        while start < len(files):
+            left = len(files) - start
+            size = min(TASK_FILES, max(MIN_TASK_FILES, left // (2 * self.workers))) if self.workers else self.batch_size
+            yield files[start:start + size]
+            start += size
 
     def _answers(self, result: "list | tuple[np.ndarray, list]", top_k: int) -> Iterator:
         """One chunk's answers and errors, in order."""

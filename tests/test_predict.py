@@ -91,7 +91,7 @@ def _same(a, b):
 
 def test_worker_processes_give_the_in_process_answers_in_order(folder, model, monkeypatch):
     monkeypatch.setattr(predict, "POOL_MIN_FILES", 1)
-    monkeypatch.setattr(predict, "TASKS_PER_WORKER", 2)  # tasks of 7 files, run 4 at a time
+    monkeypatch.setattr(predict, "MIN_TASK_FILES", 3)  # tasks of 6, 4, 3 ... files, run 4 at a time
     for i in range(3, 20):  # enough files for chunks of several (order within a chunk is checked too)
         png(folder / "1" / f"{i}.png", 4 * i)
     (folder / "0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
@@ -101,8 +101,9 @@ def test_worker_processes_give_the_in_process_answers_in_order(folder, model, mo
     # CPU: each worker decodes and classifies; "cuda" (here it falls back to CPU): workers only decode
     for providers, sessions in (("cpu", True), ("cuda", False)):
         pooled, runner = _answers(model, files, 2, providers)
-        assert runner.pooled_sessions is sessions and (runner.predictor is None) is sessions and runner.chunk == 7
+        assert runner.pooled_sessions is sessions and (runner.predictor is None) is sessions
         assert len(pooled) == len(files) and all(_same(a, b) for a, b in zip(alone, pooled)), providers
+    assert [len(c) for c in runner._chunks(files)] == [6, 4, 3, 3, 3, 3, 3]  # 25 files: tasks shrink to the end
     reasons = {os.path.basename(f): item[0] for f, item in zip(files, pooled) if isinstance(item, tuple)}
     assert reasons == {"broken.png": "not_an_image", "gone.png": "unreadable"}
     assert len({a["top_k"][0]["score"] for a in alone if isinstance(a, dict)}) > 1  # not one answer repeated
