@@ -1,4 +1,7 @@
 """`python -m models`: list the registered architectures with parameters and MACs per input shape."""
+import os
+import sys
+
 from . import create_model, list_models, summarize
 
 SHAPES = {"1x28x28": (1, 28), "3x32x32": (3, 32)}
@@ -16,4 +19,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BrokenPipeError:  # `python -m models | head`: the reader has left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

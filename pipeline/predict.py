@@ -558,10 +558,8 @@ def report(summary: Summary, classes: Sequence[str], args: argparse.Namespace) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    try:  # a reader that leaves (`| head`) ends the run quietly: pipeline.stage.run
         run(parse_args(argv))
-    except BrokenPipeError:  # `imgcls predict ... | head`: the reader has left; leave quietly too
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except KeyboardInterrupt:
         print("predict: interrupted; nothing written", file=sys.stderr)
         return 130

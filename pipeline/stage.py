@@ -19,6 +19,7 @@ No imports of other pipeline modules: the error classes of every module derive f
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -37,6 +38,9 @@ def run(stage: str, main: Callable[[list[str] | None], int], argv: list[str] | N
     """``main(argv)``'s exit code; the errors of the table above as one line on stderr and their code."""
     try:
         return main(argv)
+    except BrokenPipeError:  # `imgcls models | head`: the reader has left; leave quietly too (no flush error at exit)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (StoreError, TimeoutError) as err:  # TimeoutError: a lock (pipeline.atomic.locked) still held
         print(f"{stage}: error: {err}", file=sys.stderr)
         return EXIT_STORE

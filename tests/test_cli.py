@@ -77,9 +77,16 @@ def test_stage_commands_train_evaluate_export_promote_and_package(project):
 
 
 def test_models_lists_the_zoo():
+    from models import list_models
+
     out = imgcls(None, "models")
-    assert out.returncode == 0 and "resnet" in out.stdout and "cnn" in out.stdout
+    assert out.returncode == 0 and [line.split()[0] for line in out.stdout.splitlines()[1:]] == list_models()
     fails(imgcls(None, "models", "--bogus"), 2, "--bogus")
+    # a reader that leaves early (`| head -1`): exit 0, nothing on stderr
+    reader = subprocess.Popen([IMGCLS, "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reader.stdout.readline()
+    reader.stdout.close()
+    assert reader.wait(timeout=120) == 0 and reader.stderr.read() == b""
 
 
 @pytest.fixture(scope="module")
