@@ -280,7 +280,7 @@ def _to_8bit(img: Image.Image) -> Image.Image:
 
 def _may_be_rotated(img: Image.Image) -> bool:
     """False only for a JPEG with neither EXIF nor XMP (where Pillow's ``exif_transpose`` looks for an
-    orientation): the check costs a 32x32 JPEG ~60 us of its ~300 us decode."""
+    orientation): the check costs a 32x32 JPEG ~7 us of its ~57 us decode (Pillow 13, one core)."""
     return img.format not in ("JPEG", "MPO") or "exif" in img.info or "xmp" in img.info
 
 
