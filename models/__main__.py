@@ -21,5 +21,5 @@ def main() -> None:
 if __name__ == "__main__":
     try:
         main()
-    except BrokenPipeError:  # `python -m models | head`: the reader has left
+    except BrokenPipeError:  # `python -m models | head`: the reader has left (models imports no pipeline: stage.run does this for imgcls)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -43,10 +43,12 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -61,14 +63,18 @@ from . import atomic, stage
 #: what a folder search picks up (files named on the command line are tried whatever their name)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
 GLOB_CHARS = frozenset("*?[")
-#: files per worker task, at most and at least: a task's overhead (pickling, two pipe messages: ~0.1-0.2
-#: ms) is then ~1 % of its decoding (32x32 JPEG ~70 us, 28x28 PNG with ``digit`` ~250 us), whatever
-#: --batch-size; tasks shrink towards the end of a run (guided: a share of what is left), so the workers
-#: finish within a few images of each other
+#: files per worker task, at most (or --batch-size if larger) and at least: at 256 files a task's
+#: overhead (pickling, two pipe messages: ~0.1-0.2 ms) is ~1 % of its decoding (32x32 JPEG ~60-70 us,
+#: 28x28 PNG with ``digit`` ~250 us); tasks shrink towards the end of a run (a share of what is left)
 TASK_FILES = 256
 MIN_TASK_FILES = 8
-#: below this many files, decoding in-process beats starting worker processes (~0.1 s each)
+#: below this many files everything runs in this process (starting workers, each loading a session, ~0.1-0.5 s)
 POOL_MIN_FILES = 512
+#: a session's memory per byte of its model file: ONNX Runtime's library, the weights and its optimized
+#: copy of the graph (measured: CIFAR ResNet-18, a 43 MiB file, +164 MiB resident with the session)
+SESSION_BYTES_PER_MODEL_BYTE = 4
+#: seconds for every worker to load its session
+STARTUP_TIMEOUT_S = 600
 
 
 class PredictError(stage.StageError):
@@ -148,25 +154,37 @@ class WorkerSetup:
     batch_size: int = 256
 
 
-_WORKER: tuple | None = None  # a worker's (WorkerSetup, Predictor | ProviderError | None, start barrier)
+@dataclass
+class _Worker:
+    """A worker process's state: its setup, its session (or why it has none), the start barrier."""
+
+    setup: WorkerSetup
+    started: Any
+    predictor: Predictor | None = None
+    failed: Exception | None = None
+
+
+_WORKER: _Worker | None = None
 
 
 def _init_worker(setup: WorkerSetup, started) -> None:
     global _WORKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: one message, not one per worker
-    predictor: Predictor | ProviderError | None = None
+    _WORKER = _Worker(setup, started)
     if setup.model is not None:
         try:
-            predictor = Predictor(setup.model, providers=setup.providers, threads=setup.threads,
-                                  max_pixels=setup.max_pixels)
-        except ProviderError as err:  # raised by each task, so the parent can say it (a failed initializer only breaks the pool)
-            predictor = err
-    _WORKER = setup, predictor, started
+            _WORKER.predictor = Predictor(setup.model, providers=setup.providers, threads=setup.threads,
+                                          max_pixels=setup.max_pixels)
+        except Exception as err:  # noqa: BLE001  (raised by the first task, so the parent can say it:
+            _WORKER.failed = err  # an initializer's exception only breaks the pool, with a traceback per worker)
 
 
 def _started() -> None:
-    """Held until every worker runs it: each has taken one such task, so each has its session."""
-    _WORKER[2].wait(timeout=600)
+    """Held until every worker runs it (each has taken one such task, so each has its session), or
+    the worker's session failure."""
+    if _WORKER.failed is not None:
+        raise _WORKER.failed
+    _WORKER.started.wait(timeout=STARTUP_TIMEOUT_S)
 
 
 def _prepare_files(paths: Sequence[str], spec: PreprocessSpec, max_pixels: int | None) -> list:
@@ -187,13 +205,11 @@ def _prepare_files(paths: Sequence[str], spec: PreprocessSpec, max_pixels: int |
 def _work(paths: Sequence[str]) -> "list | tuple[np.ndarray, list]":
     """A worker's task, what crosses the process boundary: the decoded files (a decoding worker), or
     ``(logits [files decoded, K], [None or (reason, message) per file])`` (a classifying worker)."""
-    setup, predictor, _ = _WORKER
-    items = _prepare_files(paths, setup.spec, setup.max_pixels)
-    if predictor is None:
+    worker = _WORKER
+    items = _prepare_files(paths, worker.setup.spec, worker.setup.max_pixels)
+    if worker.predictor is None:
         return items
-    if isinstance(predictor, ProviderError):
-        raise predictor
-    logits = predictor.logits([a for a in items if not isinstance(a, tuple)], setup.batch_size)
+    logits = worker.predictor.logits([a for a in items if not isinstance(a, tuple)], worker.setup.batch_size)
     return logits, [a if isinstance(a, tuple) else None for a in items]
 
 
@@ -201,22 +217,40 @@ class WorkerDied(stage.StageError):
     """A worker process died (killed, out of memory): the run stops, naming the files it was on."""
 
 
+def available_memory() -> int | None:
+    """Bytes the kernel can give without swapping (Linux ``MemAvailable``); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def sessions_fit(model: Path, sessions: int) -> bool:
+    """``sessions`` copies of the model's session fit in half the available memory (a session holds
+    about SESSION_BYTES_PER_MODEL_BYTE x the file's size), or the memory is unknown."""
+    free = available_memory()
+    return free is None or sessions * SESSION_BYTES_PER_MODEL_BYTE * model.stat().st_size <= free / 2
+
+
 class Runner:
     """Files -> each file's answer (the service's dict) or ``(reason, message)``, in file order.
 
     How the work is split (``workers`` > 0 and at least POOL_MIN_FILES files):
 
-    - CPU: each of ``workers`` processes decodes a chunk of files and classifies it with its own
-      session of ``threads`` threads (default 1). Measured on 2 cores (bench/predict.py), this is
-      10-35 % faster than one session on every core fed by decoding processes: a one-thread session
-      wastes no time at the barriers of each operator, and an image is decoded on the core that
-      classifies it. The cost: one session's memory per worker.
-    - GPU (the providers start with a GPU one): one session in this process, ``threads`` threads
-      (default: the usable CPUs), fed by ``workers`` decoding processes.
+    - CPU: each of ``workers`` processes decodes a task of files and classifies it with its own
+      session of ``threads`` threads (default 1): a one-thread session wastes no time at the
+      barriers of each operator, and an image is decoded on the core that classifies it. Measured on
+      2 cores (bench/predict.py, CIFAR-10 JPEGs): resnet20 2,267 images/s against 1,479 for one
+      two-thread session fed by decoding processes, the 10.8 k-parameter cnn 11,896 against 5,556.
+    - GPU (the providers start with a GPU one), or when a session per worker would not fit in
+      memory (:func:`sessions_fit`): one session in this process, ``threads`` threads (default: the
+      usable CPUs), fed by ``workers`` decoding processes.
 
-    Otherwise one session in this process does everything. At most ``AHEAD`` chunks per worker are in
-    flight (memory stays bounded whatever the folder's size); the processes are forked before this
-    process opens any session, so none inherits a live session's threads.
+    Otherwise one session in this process does everything. At most ``AHEAD`` tasks per worker are in
+    flight (memory stays bounded whatever the folder's size); the processes are forked (Linux;
+    spawned elsewhere) before this process opens any session, so none inherits a live session.
     """
 
     AHEAD = 2
@@ -226,29 +260,53 @@ class Runner:
         self.model, self.spec, self.providers, self.batch_size = model, spec, providers, batch_size
         self.workers = workers if files >= POOL_MIN_FILES else 0
         on_cpu = resolve_providers(providers)[0][0] == CPU  # a bad setting is a ProviderError here, before any fork
-        self.pooled_sessions = self.workers > 0 and on_cpu
+        self.pooled_sessions = self.workers > 0 and on_cpu and sessions_fit(model, self.workers)
         self.threads = threads or (1 if self.pooled_sessions else usable_cpus())
         self.pool: concurrent.futures.ProcessPoolExecutor | None = None
         self.predictor: Predictor | None = None
 
     def __enter__(self) -> "Runner":
-        if self.workers > 0:
-            setup = WorkerSetup(self.spec, model=str(self.model) if self.pooled_sessions else None,
-                                providers=self.providers, threads=self.threads, batch_size=self.batch_size)
-            context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-            self.pool = concurrent.futures.ProcessPoolExecutor(
-                self.workers, mp_context=context, initializer=_init_worker,
-                initargs=(setup, context.Barrier(self.workers)))
-            # every worker started, with its session (images/s then counts no model load)
-            for future in [self.pool.submit(_started) for _ in range(self.workers)]:
-                self._result(future, "starting")
-        if not self.pooled_sessions:
-            self.predictor = Predictor(self.model, providers=self.providers, threads=self.threads)
+        try:
+            if self.workers > 0:
+                self._start_pool()
+            if not self.pooled_sessions:
+                self.predictor = Predictor(self.model, providers=self.providers, threads=self.threads)
+        except BaseException:
+            self._stop(now=True)
+            raise
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+    def __exit__(self, kind, *exc) -> None:
+        self._stop(now=kind is not None)
+
+    def _start_pool(self) -> None:
+        setup = WorkerSetup(self.spec, model=str(self.model) if self.pooled_sessions else None,
+                            providers=self.providers, threads=self.threads, batch_size=self.batch_size)
+        context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        self.pool = concurrent.futures.ProcessPoolExecutor(
+            self.workers, mp_context=context, initializer=_init_worker, initargs=(setup, context.Barrier(self.workers)))
+        # every worker started, with its session (images/s then counts no model load)
+        for future in [self.pool.submit(_started) for _ in range(self.workers)]:
+            try:
+                self._result(future, "starting")
+            except threading.BrokenBarrierError:
+                raise WorkerDied(f"the worker processes did not all start within {STARTUP_TIMEOUT_S} s") from None
+            except (ProviderError, WorkerDied):
+                raise
+            except Exception as err:  # noqa: BLE001  (ONNX Runtime's own errors: a file it cannot load)
+                raise PredictError(f"--model {str(self.model)!r}: ONNX Runtime cannot load it in a worker "
+                                   f"({type(err).__name__}: {err})") from None
+
+    def _stop(self, now: bool) -> None:
+        """Wait for the workers, or (an error, Ctrl-C, a reader gone) end them at once: their queued
+        tasks would otherwise run to the end, a 256-file task of a large model for many seconds."""
+        if self.pool is None:
+            return
+        if now:
+            for process in list(getattr(self.pool, "_processes", {}).values()):  # no public way before Python 3.14
+                process.terminate()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool = None
 
     def __call__(self, files: Sequence[str], top_k: int = 1) -> Iterator:
         chunks = self._chunks(files)
@@ -258,17 +316,17 @@ class Runner:
             yield from self._answers(result, top_k)
 
     def _chunks(self, files: Sequence[str]) -> Iterator[Sequence[str]]:
-        """Batches of files in this process; worker tasks of a share of what is left (a worker runs its
-        task ``batch_size`` files at a time)."""
-        start = 0
+        """Batches of files in this process; worker tasks of a share of what is left (guided: the
+        workers finish within a few images of each other), at most ``max(TASK_FILES, batch_size)``."""
+        start, largest = 0, max(TASK_FILES, self.batch_size)
         while start < len(files):
             left = len(files) - start
-            size = min(TASK_FILES, max(MIN_TASK_FILES, left // (2 * self.workers))) if self.workers else self.batch_size
+            size = min(largest, max(MIN_TASK_FILES, left // (self.AHEAD * self.workers))) if self.workers else self.batch_size
             yield files[start:start + size]
             start += size
 
     def _answers(self, result: "list | tuple[np.ndarray, list]", top_k: int) -> Iterator:
-        """One chunk's answers and errors, in order."""
+        """One task's answers and errors, in order."""
         if isinstance(result, tuple):
             logits, items = result
             answers = iter(predictions(logits, self.spec.classes, top_k))

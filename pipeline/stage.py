@@ -3,7 +3,8 @@
 Exit codes (the README's table):
 
 ====  ============================================================================================
-0     done (including "the challenger lost": a decision, not a failure)
+0     done (including "the challenger lost": a decision, not a failure; and a reader of stdout that left
+      early, ``| head``)
 1     a gate refused the result (export's parity gate, quantize's accuracy gates); nothing written
 2     bad input the message names: params.yaml, a missing upstream output, a version that cannot be
       served, a bad command-line value
@@ -20,6 +21,7 @@ No imports of other pipeline modules: the error classes of every module derive f
 from __future__ import annotations
 
 import os
+import select
 import sys
 from typing import Callable
 
@@ -38,7 +40,11 @@ def run(stage: str, main: Callable[[list[str] | None], int], argv: list[str] | N
     """``main(argv)``'s exit code; the errors of the table above as one line on stderr and their code."""
     try:
         return main(argv)
-    except BrokenPipeError:  # `imgcls models | head`: the reader has left; leave quietly too (no flush error at exit)
+    except BrokenPipeError as err:
+        if not stdout_reader_left():  # another pipe or socket: an OSError like any other
+            print(f"{stage}: error: {err}", file=sys.stderr)
+            return EXIT_STORE
+        # `imgcls models | head`: the reader has left; leave quietly too (no flush error at exit)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except (StoreError, TimeoutError) as err:  # TimeoutError: a lock (pipeline.atomic.locked) still held
@@ -50,6 +56,16 @@ def run(stage: str, main: Callable[[list[str] | None], int], argv: list[str] | N
     except OSError as err:  # outputs are written atomically (pipeline.atomic): nothing half-written stays
         print(f"{stage}: error: {err}", file=sys.stderr)
         return EXIT_STORE if _is_network(err) else EXIT_OS
+
+
+def stdout_reader_left() -> bool:
+    """stdout is a pipe (or socket) whose reader has closed it: ``poll`` reports an error on it."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), stdout closed or replaced
+        return False
 
 
 def _is_network(err: OSError) -> bool:

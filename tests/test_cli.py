@@ -6,6 +6,7 @@ script, as a subprocess) in a clone of the session's exported project (a real ML
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,11 +83,30 @@ def test_models_lists_the_zoo():
     out = imgcls(None, "models")
     assert out.returncode == 0 and [line.split()[0] for line in out.stdout.splitlines()[1:]] == list_models()
     fails(imgcls(None, "models", "--bogus"), 2, "--bogus")
-    # a reader that leaves early (`| head -1`): exit 0, nothing on stderr
-    reader = subprocess.Popen([IMGCLS, "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # a reader that leaves early (`| head -1`): exit 0, nothing on stderr (unbuffered: each row is a write)
+    reader = subprocess.Popen([IMGCLS, "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
     reader.stdout.readline()
     reader.stdout.close()
     assert reader.wait(timeout=120) == 0 and reader.stderr.read() == b""
+
+
+@pytest.mark.parametrize("reader_left, code", [(True, 0), (False, 3)])
+def test_a_broken_pipe_is_quiet_only_when_it_is_stdouts_reader_that_left(reader_left, code, tmp_path):
+    script = ("import sys\nfrom pipeline import stage\n"
+              "def main(argv):\n    raise BrokenPipeError(32, 'Broken pipe')\n"
+              "sys.exit(stage.run('demo', main))\n")
+    read_end, write_end = os.pipe()
+    if reader_left:
+        os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "-c", script], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                              timeout=60, cwd=Path(__file__).parents[1])
+    finally:
+        os.close(write_end)
+        if not reader_left:
+            os.close(read_end)
+    assert done.returncode == code and ("Broken pipe" in done.stderr) is not reader_left, done.stderr
 
 
 @pytest.fixture(scope="module")

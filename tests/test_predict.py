@@ -7,6 +7,7 @@ import csv
 import io
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -117,6 +118,41 @@ def test_providers_that_cannot_start_are_an_error_naming_them(folder, model, mon
     for setting in ("bogus", "cuda-only")[:1 if cuda_driver_present() else 2]:  # strict CUDA starts on a GPU machine
         with pytest.raises(predict.ProviderError, match=setting):
             _answers(model, files, 2, setting)
+
+
+def test_a_model_the_workers_cannot_load_is_an_error_naming_it_before_any_work(folder, model, tmp_path, monkeypatch, capfd):
+    monkeypatch.setattr(predict, "POOL_MIN_FILES", 1)
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(model.read_bytes()[:500])  # the contract's metadata may be read, the graph is cut
+    with pytest.raises(predict.PredictError, match="broken.onnx.*cannot load it in a worker"):
+        predict.Runner(broken, predict.model_spec(model), workers=2, providers="cpu", files=8).__enter__()
+    assert "Traceback" not in capfd.readouterr().err  # one message, not a traceback per worker
+
+
+def test_the_layout_follows_memory_and_an_early_exit_ends_the_workers(folder, model, monkeypatch):
+    monkeypatch.setattr(predict, "POOL_MIN_FILES", 1)
+    files = predict.collect_inputs([str(folder)])
+    monkeypatch.setattr(predict, "available_memory", lambda: 1000 * model.stat().st_size)
+    assert predict.Runner(model, predict.model_spec(model), workers=2, providers="cpu", files=8).pooled_sessions
+    monkeypatch.setattr(predict, "available_memory", lambda: 10 * model.stat().st_size)  # 2 sessions need ~8x
+    assert not predict.Runner(model, predict.model_spec(model), workers=2, providers="cpu", files=8).pooled_sessions
+    monkeypatch.setattr(predict, "available_memory", lambda: None)
+    monkeypatch.setattr(predict, "_prepare_files", _slow)  # the forked workers run it too
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        with predict.Runner(model, predict.model_spec(model), workers=2, providers="cpu", files=len(files)) as runner:
+            processes = list(runner.pool._processes.values())
+            tasks = [runner.pool.submit(predict._work, files) for _ in range(4)]  # 60 s each
+            while sum(t.running() for t in tasks) < 2 and time.monotonic() - started < 10:
+                time.sleep(0.05)  # handed to the workers (running), not only queued here
+            raise KeyboardInterrupt
+    assert time.monotonic() - started < 20  # the workers were ended, not waited for
+    assert runner.pool is None and not any(p.is_alive() for p in processes)
+
+
+def _slow(paths, spec, max_pixels):
+    time.sleep(60)
+    return []
 
 
 def _die(paths, spec, max_pixels):

@@ -166,7 +166,8 @@ def test_normalize_matches_the_contract_formula():
 
 
 @pytest.mark.parametrize("mean, std", [((0.1307,), (0.3081,)), ((0.4914, 0.4822, 0.4465), (0.247, 0.2435, 0.2616))])
-def test_normalize_lookup_is_bit_identical_to_the_float32_arithmetic(mean, std):
+def test_normalize_is_bit_identical_to_the_float32_arithmetic(mean, std):
+    """Every uint8 value, 1 and 3 channels: training (BatchMaker), export and serving rely on this formula."""
     channels = len(mean)
     batch = np.broadcast_to(np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16), (2, channels, 16, 16)).copy()
     batch[1] = batch[1, :, ::-1]
@@ -284,3 +285,13 @@ def test_spec_rejects_bad_metadata(change):
 def test_spec_names_missing_keys():
     with pytest.raises(ValueError, match="std"):
         PreprocessSpec.from_metadata({k: v for k, v in CONTRACT_PROPS.items() if k != "std"})
+
+
+def test_only_small_jpeg_and_png_files_skip_the_read_counter():
+    """A file that cannot hold MAX_FILE_READS markers or chunks is read plainly (its Pillow plugin stops at
+    the end of the file); anything larger, or of another format, has its reads counted."""
+    limit = pp.MAX_FILE_READS
+    for head in (b"\xff\xd8", b"\x89PNG\r\n\x1a\n"):
+        assert type(pp._reader(head.ljust(limit, b"\0"))) is io.BytesIO
+        assert isinstance(pp._reader(head.ljust(limit + 1, b"\0")), pp._BoundedReads)
+    assert isinstance(pp._reader(b"GIF89a".ljust(100, b"\0")), pp._BoundedReads)
