@@ -56,10 +56,9 @@ def raw_images_per_s(model: Path, files: list[Path], batch_sizes: list[int]) -> 
     one one-thread session per usable CPU in as many processes, each on its share of the tensor; and
     the microseconds one core takes to prepare (decode, transform) an image's bytes."""
     from service.contract import normalize
-    from service.cpus import usable_cpus
     from service.predictor import ImageError, Predictor
 
-    cpus = usable_cpus()
+    cpus = harness.usable_cores()
     predictor = Predictor(model, threads=cpus)
     blobs = [p.read_bytes() for p in files]
     for blob in blobs[:32]:  # first calls: imports, plugin registration

@@ -147,7 +147,6 @@ class WorkerSetup:
     ONNX Runtime session of ``threads`` threads; None: it only decodes."""
 
     spec: PreprocessSpec
-    max_pixels: int | None = None
     model: str | None = None
     providers: str = "cpu"
     threads: int = 1
@@ -173,8 +172,7 @@ def _init_worker(setup: WorkerSetup, started) -> None:
     _WORKER = _Worker(setup, started)
     if setup.model is not None:
         try:
-            _WORKER.predictor = Predictor(setup.model, providers=setup.providers, threads=setup.threads,
-                                          max_pixels=setup.max_pixels)
+            _WORKER.predictor = Predictor(setup.model, providers=setup.providers, threads=setup.threads)
         except Exception as err:  # noqa: BLE001  (raised by the first task, so the parent can say it:
             _WORKER.failed = err  # an initializer's exception only breaks the pool, with a traceback per worker)
 
@@ -187,8 +185,8 @@ def _started() -> None:
     _WORKER.started.wait(timeout=STARTUP_TIMEOUT_S)
 
 
-def _prepare_files(paths: Sequence[str], spec: PreprocessSpec, max_pixels: int | None) -> list:
-    """Each file -> ``uint8 [C, H, W]`` or ``(reason, message)``."""
+def _prepare_files(paths: Sequence[str], spec: PreprocessSpec) -> list:
+    """Each file -> ``uint8 [C, H, W]`` or ``(reason, message)``, with the service's default size limit."""
     out = []
     for path in paths:
         try:
@@ -197,7 +195,7 @@ def _prepare_files(paths: Sequence[str], spec: PreprocessSpec, max_pixels: int |
         except OSError as err:
             out.append(("unreadable", f"cannot read: {err.strerror or err}"))
             continue
-        item = prepare(data, spec, max_pixels)
+        item = prepare(data, spec)
         out.append((item.reason, item.message) if isinstance(item, ImageError) else item)
     return out
 
@@ -206,10 +204,13 @@ def _work(paths: Sequence[str]) -> "list | tuple[np.ndarray, list]":
     """A worker's task, what crosses the process boundary: the decoded files (a decoding worker), or
     ``(logits [files decoded, K], [None or (reason, message) per file])`` (a classifying worker)."""
     worker = _WORKER
-    items = _prepare_files(paths, worker.setup.spec, worker.setup.max_pixels)
-    if worker.predictor is None:
-        return items
-    logits = worker.predictor.logits([a for a in items if not isinstance(a, tuple)], worker.setup.batch_size)
+    items = _prepare_files(paths, worker.setup.spec)
+    return items if worker.predictor is None else _classified(items, worker.predictor, worker.setup.batch_size)
+
+
+def _classified(items: list, predictor: Predictor, batch_size: int) -> tuple[np.ndarray, list]:
+    """Prepared files -> ``(logits [files decoded, K], [None or (reason, message) per file])``."""
+    logits = predictor.logits([a for a in items if not isinstance(a, tuple)], batch_size)
     return logits, [a if isinstance(a, tuple) else None for a in items]
 
 
@@ -310,8 +311,7 @@ class Runner:
 
     def __call__(self, files: Sequence[str], top_k: int = 1) -> Iterator:
         chunks = self._chunks(files)
-        results = self._pooled(chunks) if self.pool is not None else (
-            _prepare_files(c, self.spec, None) for c in chunks)
+        results = self._pooled(chunks) if self.pool is not None else (_prepare_files(c, self.spec) for c in chunks)
         for result in results:
             yield from self._answers(result, top_k)
 
@@ -326,15 +326,10 @@ class Runner:
             start += size
 
     def _answers(self, result: "list | tuple[np.ndarray, list]", top_k: int) -> Iterator:
-        """One task's answers and errors, in order."""
-        if isinstance(result, tuple):
-            logits, items = result
-            answers = iter(predictions(logits, self.spec.classes, top_k))
-        else:
-            items = result
-            answers = iter(self.predictor.classify_arrays([a for a in items if not isinstance(a, tuple)], top_k,
-                                                          self.batch_size))
-        return (item if isinstance(item, tuple) else next(answers) for item in items)
+        """One task's answers and errors, in order (decoded files are classified here first)."""
+        logits, errors = result if isinstance(result, tuple) else _classified(result, self.predictor, self.batch_size)
+        answers = iter(predictions(logits, self.spec.classes, top_k))
+        return (error if error is not None else next(answers) for error in errors)
 
     @staticmethod
     def _result(future: concurrent.futures.Future, doing: str):

@@ -68,9 +68,9 @@ class Predictor:
         return np.concatenate([self.engine.logits(normalize(np.stack(arrays[i:i + step]), self.spec.mean, self.spec.std))
                                for i in range(0, len(arrays), step)])
 
-    def classify_arrays(self, arrays: Sequence[np.ndarray], top_k: int = 1, batch_size: int | None = None) -> list[dict]:
-        """Prepared ``uint8 [C, H, W]`` arrays -> one answer per array."""
-        return predictions(self.logits(arrays, batch_size), self.classes, top_k) if len(arrays) else []
+    def classify_arrays(self, arrays: Sequence[np.ndarray], top_k: int = 1) -> list[dict]:
+        """Prepared ``uint8 [C, H, W]`` arrays -> one answer per array (one ONNX Runtime call)."""
+        return predictions(self.logits(arrays), self.classes, top_k) if len(arrays) else []
 
     def classify(self, blobs: Sequence[bytes], top_k: int = 1) -> "list[dict | ImageError]":
         """Encoded images -> an answer or an :class:`ImageError` per image, in order."""

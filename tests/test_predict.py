@@ -150,12 +150,12 @@ def test_the_layout_follows_memory_and_an_early_exit_ends_the_workers(folder, mo
     assert runner.pool is None and not any(p.is_alive() for p in processes)
 
 
-def _slow(paths, spec, max_pixels):
+def _slow(paths, spec):
     time.sleep(60)
     return []
 
 
-def _die(paths, spec, max_pixels):
+def _die(paths, spec):
     os._exit(9)
 
 
