@@ -140,9 +140,7 @@ def cnn_dropout(in_channels, num_classes, image_size, dropout=0.5, init="default
     return _initialize(nn.Sequential(
         nn.Conv2d(in_channels, 10, 5), nn.MaxPool2d(2), nn.ReLU(inplace=True),  # 10x12x12
         nn.Conv2d(10, 20, 5), nn.Dropout2d(dropout), nn.MaxPool2d(2), nn.ReLU(inplace=True),  # 20x4x4
-        nn.Flatten(),
-        nn.Linear(20 * side * side, 50), nn.ReLU(inplace=True), nn.Dropout(dropout),
-        nn.Linear(50, num_classes),
+        *_fc_head(20 * side * side, (50,), num_classes, dropout),  # fc 320-50, ReLU, Dropout, fc 50-10
     ), init)
 
 
