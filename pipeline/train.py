@@ -142,14 +142,37 @@ def random_pixels(x: torch.Tensor, aug: AugmentParams, gen: torch.Generator) -> 
     rand = lambda: torch.rand(b, 1, 1, 1, generator=gen, device=gen.device).to(x.device)  # noqa: E731
     if aug.stroke:
         share = (rand() * 2 - 1) * aug.stroke  # > 0 thicker, < 0 thinner
-        dilated, eroded = F.max_pool2d(x, 3, 1, 1), -F.max_pool2d(-x, 3, 1, 1)
-        x = x + share.clamp(min=0) * (dilated - x) + (-share).clamp(min=0) * (eroded - x)
+        target = torch.where(share > 0, _extreme3x3(x, torch.maximum), _extreme3x3(x, torch.minimum))
+        x = x + share.abs() * (target - x)
     if aug.blur:
-        x = x + rand() * aug.blur * (F.avg_pool2d(x, 3, 1, 1, count_include_pad=False) - x)
+        x = x + rand() * aug.blur * (_box3x3(x) - x)
     if aug.noise:
         noise = torch.randn(x.shape, generator=gen, device=gen.device).to(x.device)
         x = (x + rand() * aug.noise * noise).clamp_(0, 1)
     return x
+
+
+def _extreme3x3(x: torch.Tensor, pick) -> torch.Tensor:
+    """The 3x3 neighbourhood maximum (``pick=torch.maximum``: ``max_pool2d(x, 3, 1, 1)``, bit for bit)
+    or minimum, in-bounds neighbours only, as two separable passes over shifted views: ~0.17 ms for
+    [128, 1, 28, 28] against max_pool2d's ~1.5 ms (torch 2.14, 2 CPU threads)."""
+    fill = float("-inf") if pick is torch.maximum else float("inf")
+    p = F.pad(x, (1, 1, 1, 1), value=fill)
+    rows = pick(pick(p[..., :-2, :], p[..., 1:-1, :]), p[..., 2:, :])
+    return pick(pick(rows[..., :-2], rows[..., 1:-1]), rows[..., 2:])
+
+
+def _box3x3(x: torch.Tensor) -> torch.Tensor:
+    """The 3x3 mean over in-bounds neighbours (``avg_pool2d(x, 3, 1, 1, count_include_pad=False)`` to
+    within 2e-7), separably: ~0.25 against ~0.8 ms for [128, 1, 28, 28]."""
+    counts = _sum3x3(torch.ones((1, 1, *x.shape[-2:]), dtype=x.dtype, device=x.device))
+    return _sum3x3(x) / counts
+
+
+def _sum3x3(x: torch.Tensor) -> torch.Tensor:
+    p = F.pad(x, (1, 1, 1, 1))
+    rows = p[..., :-2, :] + p[..., 1:-1, :] + p[..., 2:, :]
+    return rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]
 
 
 class BatchMaker:

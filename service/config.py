@@ -39,6 +39,9 @@ ENV_VARS: dict[str, tuple[str, str]] = {
                            "0 = one per CPU (with CUDA, 1-2 workers keep the GPU busy)"),
     "CLASSIFIER_ORT_THREADS": ("0", "ONNX Runtime intra-op threads per worker; 0 = CPU count / workers"),
     "CLASSIFIER_MAX_BATCH_SIZE": ("64", "micro-batching: most images per model call"),
+    "CLASSIFIER_SPLIT_MIN_MS": ("2", "a CPU model call is cut into chunks run at once on the cores no other worker's call "
+                                "holds (one session), each chunk at least this many ms of one core; 0 = never split "
+                                "(service.spread)"),
     "CLASSIFIER_MAX_LATENCY_MS": ("5000", "micro-batching: queueing budget; a request predicted to wait longer for the model gets 503 + Retry-After"),
     "CLASSIFIER_KEEPALIVE_REQUESTS": ("20", "with several workers, ~1 in N responses closes its keep-alive connection so that "
                                       "clients reconnect to an idle worker (0 = never)"),
@@ -131,6 +134,7 @@ class ServiceConfig:
     ort_threads: int = 0
     workers: int = 0  # 0 -> cpu_count (the CPUs this process may use), resolved by from_env
     max_batch_size: int = 64
+    split_min_ms: float = 2.0  # 0 = never split a model call (service.spread)
     max_latency_ms: int = 5000
     keepalive_requests: int = 20
     access_log: bool = True
@@ -187,6 +191,7 @@ class ServiceConfig:
             ort_threads=_int(env, "CLASSIFIER_ORT_THREADS", 0),
             workers=_int(env, "CLASSIFIER_WORKERS", 0) or cpu_count,
             max_batch_size=max_batch_size,
+            split_min_ms=_float(env, "CLASSIFIER_SPLIT_MIN_MS", 0.0),
             max_latency_ms=_int(env, "CLASSIFIER_MAX_LATENCY_MS", 1),
             keepalive_requests=_int(env, "CLASSIFIER_KEEPALIVE_REQUESTS", 0),
             access_log=_flag(env, "CLASSIFIER_ACCESS_LOG"),

@@ -43,6 +43,7 @@ import threading
 from typing import Any, Optional
 
 import numpy as np
+import orjson
 from pydantic import BaseModel, Field
 from starlette.applications import Starlette
 from starlette.formparsers import MultiPartParser
@@ -70,6 +71,7 @@ from service.penalty import PenaltyBoxMiddleware, RefusalPenalty
 from service.postprocessing import predictions
 from service.preprocessing import ImageError, spec_to_array
 from service.shadow import Shadow
+from service.spread import BusyBoard, Spreader
 from service.ui import ServerTimingMiddleware, ui_routes
 
 CONFIG = ServiceConfig.from_env()
@@ -317,6 +319,11 @@ BATCH_SIZE = bentoml.metrics.Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
 
+CALL_CORES = bentoml.metrics.Histogram(
+    name="classifier_call_cores",
+    documentation="cores each model call ran on: chunks of one call run at once on idle cores (service.spread)",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
 
 MODEL_EVENTS = bentoml.metrics.Counter(
     name="classifier_model_events",
@@ -359,9 +366,10 @@ def load_engine(stored: Any, threads: Optional[int] = None) -> tuple[OnnxClassif
     )
     if engine.provider_warning:
         logger.warning("EXECUTION PROVIDER FALLBACK: %s", engine.provider_warning)
-    warmup_s = engine.warmup((1, CONFIG.max_batch_size))
+    warmup_s = engine.warmup((1,))
+    batch_s = engine.warmup((CONFIG.max_batch_size,))  # timed alone: the seconds per image of a full call
     logger.info("warm-up (batch 1 and %d) took %.3fs; load + warm-up %.3fs",
-                CONFIG.max_batch_size, warmup_s, time.perf_counter() - started)
+                CONFIG.max_batch_size, warmup_s + batch_s, time.perf_counter() - started)
     info = stored.info
     labels, meta = dict(info.labels), dict(info.metadata)
     description = {
@@ -372,7 +380,8 @@ def load_engine(stored: Any, threads: Optional[int] = None) -> tuple[OnnxClassif
         **{key: labels.get(key, meta.get(key)) for key in REGISTRY_KEYS},
         "labels": labels,
         **engine.describe(),
-        "batching": {"max_batch_size": CONFIG.max_batch_size, "max_latency_ms": CONFIG.max_latency_ms},
+        "batching": {"max_batch_size": CONFIG.max_batch_size, "max_latency_ms": CONFIG.max_latency_ms,
+                     "warmup_ms_per_image": round(1000 * batch_s / CONFIG.max_batch_size, 4)},
         "workers": CONFIG.workers,
     }
     if not description.get("mlflow_run_id"):
@@ -447,6 +456,13 @@ def make_follower(alias: str, serving: Optional[dict], swap: Any, load: Any, reg
         on_event=lambda event: MODEL_EVENTS.labels(alias=alias, event=event).inc())
 
 
+@functools.lru_cache(maxsize=1)
+def busy_board() -> Optional[BusyBoard]:
+    """The cores the workers' model calls hold, shared by this service's workers (service.spread);
+    None outside a numbered BentoML worker."""
+    return BusyBoard.for_service("image-classifier", bentoml.server_context.worker_index)
+
+
 class ModelStuck(Exception):
     """The worker's model call has not returned within CLASSIFIER_MODEL_STALL_S."""
 
@@ -459,7 +475,11 @@ class Slot:
         self.engine, self.description = engine, description
         self.spec: PreprocessSpec = engine.spec  # read from the model's metadata (service.engine)
         self.budget = DecodeBudget.for_model(self.spec, CONFIG.max_image_pixels, CONFIG.max_request_pixels)
-        self.batcher = MicroBatcher(engine.logits, CONFIG.max_batch_size, max_latency_ms, on_batch=BATCH_SIZE.observe)
+        warmup_ms = (description.get("batching") or {}).get("warmup_ms_per_image")
+        self.spreader = Spreader(engine, CONFIG.cpu_count, busy_board(), warmup_ms and warmup_ms / 1000,
+                                 CONFIG.split_min_ms / 1000, on_call=CALL_CORES.observe)
+        self.batcher = MicroBatcher(self.spreader.logits, CONFIG.max_batch_size, max_latency_ms,
+                                    on_batch=BATCH_SIZE.observe)
         version = description.get("registry_version") or description.get("model_version")
         self.headers = {"X-Model-Version": str(version), "X-Model-Tag": str(description.get("model_tag"))}
         self.users = 0  # requests running on this slot
@@ -469,6 +489,7 @@ class Slot:
         while self.users:
             await asyncio.sleep(0.05)
         self.batcher.close()
+        self.spreader.close()
 
 
 # --- the public service ----------------------------------------------------------------------------
@@ -606,6 +627,8 @@ class Classifier:
             proc.terminate()
         if self._decode_pool is not None:
             self._decode_pool.close()
+        if busy_board() is not None:
+            busy_board().remove()
 
     def _start(self, engine: Any, description: dict, max_latency_ms: Optional[float] = None) -> None:
         """Serve ``engine`` (``spec``: its ``PreprocessSpec``; ``logits(float32 [N, C, H, W]) -> [N, classes]``)
@@ -865,12 +888,20 @@ if CONFIG.workers > 1:  # spread keep-alive connections over the workers (see th
 Classifier.add_asgi_middleware(ServerTimingMiddleware)  # Server-Timing: app;dur=<ms> (shown by /ui)
 
 
+class PredictionsResponse(JSONResponse):
+    """JSON by orjson: the same values as Starlette's compact ``json.dumps`` (UTF-8, shortest round-trip
+    floats, key order kept), ~6 -> ~1 us per prediction with top_k 5 (bench/serve_phases.py)."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
 def _ready_response(result: Any, slot: Slot) -> Any:
     """Predictions as a ready JSON response naming the model that answered: BentoML would otherwise
     rebuild the output type's JSON schema (to pick a media type) and validate every item with
     pydantic on each request, about 30% of the public process' CPU for single-image requests
     (bench/serve.py --profile)."""
-    return JSONResponse(result, headers=slot.headers) if isinstance(result, list) else result
+    return PredictionsResponse(result, headers=slot.headers) if isinstance(result, list) else result
 
 
 patch_media_types(Classifier)  # each API's response media type computed once, not per response

@@ -16,6 +16,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline.params import AugmentParams
 from pipeline.train import BatchMaker, fingerprint, load_checkpoint, random_affine, random_pixels, save_checkpoint
@@ -343,6 +344,21 @@ def test_blur_and_noise_stay_in_range_and_are_seeded():
     assert torch.equal(out, random_pixels(x, aug, torch.Generator().manual_seed(6)))
     assert out.min() >= 0 and out.max() <= 1 and not torch.allclose(out, x, atol=1e-2)
     assert torch.equal(random_pixels(x, AugmentParams(), torch.Generator().manual_seed(6)), x)
+
+
+def test_the_separable_3x3_filters_are_the_pooling_they_replace():
+    """Dilation and erosion are max_pool2d bit for bit (borders: in-bounds neighbours), the blur is
+    avg_pool2d(count_include_pad=False) to float rounding; any size, channels and memory format."""
+    from pipeline.train import _box3x3, _extreme3x3
+
+    gen = torch.Generator().manual_seed(7)
+    for shape in ((16, 1, 28, 28), (4, 3, 32, 17), (2, 2, 3, 5)):
+        x = torch.rand(shape, generator=gen)
+        for t in (x, x.contiguous(memory_format=torch.channels_last)):
+            assert torch.equal(_extreme3x3(t, torch.maximum), F.max_pool2d(t, 3, 1, 1))
+            assert torch.equal(_extreme3x3(t, torch.minimum), -F.max_pool2d(-t, 3, 1, 1))
+            torch.testing.assert_close(_box3x3(t), F.avg_pool2d(t, 3, 1, 1, count_include_pad=False),
+                                       atol=3e-7, rtol=0)
 
 
 def test_the_batch_maker_applies_pixel_augments_without_a_warp():

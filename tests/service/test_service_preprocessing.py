@@ -104,9 +104,9 @@ def test_exif_orientation_is_applied():
     assert pp.decode_image(data, 3).size == (20, 40)
 
 
-def test_only_the_png_plugin_verifies_so_the_others_skip_the_reopen():
-    """decode_image verifies (and reopens) only _VERIFIED_FORMATS: for every other plugin Pillow's
-    verify() is ImageFile's no-op. A Pillow that adds a real one to another plugin fails here."""
+def test_only_the_png_plugin_verifies_so_the_others_skip_the_check():
+    """Pillow's verify() is ImageFile's no-op for every plugin but PNG's, whose checks decode_image makes
+    on the bytes (_check_png_chunks). A Pillow that adds a real one to another plugin fails here."""
     from PIL import (BmpImagePlugin, GifImagePlugin, ImageFile, JpegImagePlugin, MpoImagePlugin, PngImagePlugin,
                      TiffImagePlugin, WebPImagePlugin)
 
@@ -116,7 +116,69 @@ def test_only_the_png_plugin_verifies_so_the_others_skip_the_reopen():
                "TIFF": TiffImagePlugin.TiffImageFile, "GIF": GifImagePlugin.GifImageFile}
     assert set(plugins) == pp.SUPPORTED_FORMATS
     for fmt, plugin in plugins.items():
-        assert (plugin.verify is not ImageFile.ImageFile.verify) == (fmt in pp._VERIFIED_FORMATS), fmt
+        assert (plugin.verify is not ImageFile.ImageFile.verify) == (fmt == "PNG"), fmt
+
+
+def _pillow_verdict(data: bytes):
+    """Pillow's verify of a PNG that opens: None, or the ImageError decode_image made of its error; or
+    "no-open" when the header parse already refuses it (both paths then fail in _open)."""
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Exception:
+        return "no-open"
+    try:
+        img.verify()
+    except Exception as err:
+        e = pp._load_error(err)
+        return e.reason, str(e)
+    return None
+
+
+def _our_verdict(data: bytes):
+    try:
+        pp._check_png_chunks(data)
+    except pp.ImageError as err:
+        return err.reason, str(err)
+    return None
+
+
+def test_the_png_chunk_check_agrees_with_pillows_verify_on_damaged_files():
+    """Every cut and a byte flipped at every position of PNGs with several chunks (text, two IDATs, data
+    after IEND): the same verdict, reason and message as Pillow's verify."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "a text chunk before the pixels")
+    img = svc_images.rgb_image(30, 20)
+    base = svc_images.encode(img, "PNG", pnginfo=info)
+    idat = base.index(b"IDAT") - 4  # split the one IDAT into two: Pillow reads across chunks
+    length = int.from_bytes(base[idat:idat + 4], "big")
+    body = base[idat + 8:idat + 8 + length]
+    two = b"".join(svc_images.png_chunk(b"IDAT", part) for part in (body[:length // 2], body[length // 2:]))
+    split = base[:idat] + two + base[idat + 12 + length:]
+    seen = set()
+    for png in (base, split, split + b"trailing bytes after IEND"):
+        assert _our_verdict(png) is None and _pillow_verdict(png) is None
+        variants = [png[:cut] for cut in range(len(png))]
+        variants += [png[:i] + bytes([png[i] ^ 0x41]) + png[i + 1:] for i in range(len(png))]
+        for data in variants:
+            pillow = _pillow_verdict(data)
+            if pillow == "no-open":
+                continue
+            assert _our_verdict(data) == pillow, data
+            seen.add(pillow and pillow[0])
+    assert seen == {None, "truncated", "corrupt"}  # every kind of verdict was compared
+
+
+def test_png_orientation_is_applied_and_a_plain_png_keeps_its_pixels():
+    img = svc_images.rgb_image(40, 20)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = svc_images.encode(img, "PNG", exif=exif)
+    assert pp.decode_image(rotated, 3).size == (20, 40)
+    plain = svc_images.encode(img, "PNG")
+    assert not any(key in Image.open(io.BytesIO(plain)).info for key in pp._ORIENTATION_KEYS)
+    np.testing.assert_array_equal(np.asarray(pp.decode_image(plain, 3)), np.asarray(img))
 
 
 def test_xmp_orientation_is_applied_and_a_plain_jpeg_keeps_its_pixels():

@@ -235,3 +235,21 @@ def test_patched_timeout_middleware_answers_504_in_the_api_error_shape():
     status, body = _call(_timeout_middleware(slow_app, timeout=0.05), [], [b""])
     assert status == 504
     assert json.loads(body)["reason"] == "timeout" and "CLASSIFIER_REQUEST_TIMEOUT_S" in json.loads(body)["error"]
+
+
+def test_prediction_responses_are_the_json_starlette_would_send():
+    """orjson renders the same JSON as Starlette's JSONResponse (compact json.dumps, UTF-8): the same
+    values, float for float (both write shortest round-trip floats; orjson spells 2.2e-05 as
+    0.000022), key order and non-ASCII labels."""
+    from starlette.responses import JSONResponse
+
+    from service.postprocessing import predictions
+    from service.service import PredictionsResponse
+
+    logits = np.random.default_rng(0).normal(scale=30, size=(64, 10)).astype(np.float32)
+    for classes in ([str(i) for i in range(10)], ["T-shirt/top", "Trouser", "Ärmel", "靴", "ß\"q\\", *"abcde"]):
+        body = predictions(logits, classes, 5)
+        ours, starlettes = PredictionsResponse(body).body, JSONResponse(body).body
+        assert json.loads(ours) == json.loads(starlettes) == body
+        assert [list(p) for p in json.loads(ours)] == [list(p) for p in body]  # key order
+        assert "靴".encode() in ours or "靴" not in classes
