@@ -130,8 +130,18 @@ def random_affine(x: torch.Tensor, aug: AugmentParams, gen: torch.Generator) -> 
         torch.stack([cos * flip, -sin, shift[:, 0] * 2 / w], dim=1),
         torch.stack([sin * flip, cos, shift[:, 1] * 2 / h], dim=1),
     ], dim=1).to(x.device)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.grid_sample(x, _affine_grid(theta, h, w), mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _affine_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``F.affine_grid(theta, [B, C, h, w], align_corners=False)`` (to float rounding) as broadcast
+    products: its bmm of [B, h*w, 3] by [B, 3, 2] was 6 % of a cnn training step (torch 2.14, CPU)."""
+    xs = torch.linspace(-1, 1, w, device=theta.device, dtype=theta.dtype) * ((w - 1) / w)
+    ys = (torch.linspace(-1, 1, h, device=theta.device, dtype=theta.dtype) * ((h - 1) / h))[:, None]
+    t = theta[:, :, :, None, None]  # [B, 2, 3, 1, 1]
+    gx = t[:, 0, 0] * xs + t[:, 0, 1] * ys + t[:, 0, 2]
+    gy = t[:, 1, 0] * xs + t[:, 1, 1] * ys + t[:, 1, 2]
+    return torch.stack([gx, gy], dim=-1)
 
 
 def random_pixels(x: torch.Tensor, aug: AugmentParams, gen: torch.Generator) -> torch.Tensor:

@@ -73,10 +73,14 @@ class BusyBoard:
     @classmethod
     def for_service(cls, name: str, index: Optional[int]) -> Optional["BusyBoard"]:
         """The board the workers of one ``bentoml serve`` share (keyed by their parent, the arbiter), or
-        None outside a numbered worker (tests, tools) or where the file cannot be made."""
+        None outside a numbered worker (tests, tools) or where the file cannot be made. It lives in
+        BentoML's metrics folder, which ``bentoml serve`` empties at start: a killed service's board
+        does not outlive the next start (elsewhere: /dev/shm, else the temporary folder)."""
         if index is None:
             return None
-        folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+        metrics = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or "/nonexistent")
+        shm = Path("/dev/shm")
+        folder = metrics if metrics.is_dir() else shm if shm.is_dir() else Path(tempfile.gettempdir())
         try:
             return cls(folder / f"imgcls-{name}-{os.getppid()}.busy", index)
         except (OSError, ValueError):

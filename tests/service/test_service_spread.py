@@ -160,6 +160,8 @@ def test_a_lone_request_runs_on_both_cores_with_the_same_answers(tiny_onnx_model
                 assert r.status_code == 200, r.text
             answers[split_ms] = r.json()
             cores = _call_cores(httpx.get(f"{srv.url}/metrics", timeout=10).text)
+            boards = list((tmp_path / "bentoml").rglob("imgcls-*.busy"))
+            assert len(boards) == 1, boards  # both workers on one board, in the home's metrics folder
         if split_ms == "0":
             assert cores.get("1.0") == cores.get("+Inf") >= 3, cores  # every call whole
         else:
