@@ -47,13 +47,17 @@ class MicroBatcher:
     """
 
     def __init__(self, infer: Callable[[np.ndarray], np.ndarray], max_batch_size: int, max_latency_ms: float,
-                 on_batch: Optional[Callable[[int], None]] = None) -> None:
+                 on_batch: Optional[Callable[[int], None]] = None,
+                 call_cores: Callable[[], int] = lambda: 1) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.max_batch_size = max_batch_size
         self.max_latency_ms = float(max_latency_ms)
         self._infer = infer
         self._on_batch = on_batch
+        #: cores the last call ran on (service.spread): calls are timed in core-seconds, so the wait is
+        #: predicted as if every call ran whole, which is what happens under load
+        self._call_cores = call_cores
         self._queue: deque[tuple[np.ndarray, asyncio.Future]] = deque()
         self._queued_images = 0
         self._running_images = 0
@@ -151,7 +155,7 @@ class MicroBatcher:
                     continue
                 finally:
                     self._running_images, self._running, self._call_started = 0, [], None
-                self._learn(loop.time() - started, len(batch))
+                self._learn((loop.time() - started) * self._call_cores(), len(batch))
                 offset = 0
                 for images, future in taken:
                     part = outputs[offset:offset + len(images)]

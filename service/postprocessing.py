@@ -17,6 +17,8 @@ def predictions(logits: np.ndarray, classes: Sequence[str], k: int) -> list[dict
     index first) and holds ``min(k, K)`` entries; the top-level fields repeat ``top_k[0]``.
     """
     probs = softmax(logits)
+    if not np.isfinite(probs).all():  # a broken model; json.dumps refused NaN, orjson would write null
+        raise ValueError("the model returned non-finite scores (NaN or inf logits)")
     n, num_classes = probs.shape
     if len(classes) != num_classes:
         raise ValueError(f"model returned {num_classes} logits but has {len(classes)} class names")

@@ -89,6 +89,9 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _CHUNK_TYPE = re.compile(rb"\w\w\w\w")  # Pillow's is_cid
 #: where Pillow's ``getexif`` finds an orientation in a PNG or JPEG (``exif_transpose`` reads it)
 _ORIENTATION_KEYS = ("exif", "xmp", "XML:com.adobe.xmp", "Raw profile type exif")
+#: chunks :func:`_check_png_chunks` reads at most: what the read counter allowed Pillow's open + verify
+#: (a length-and-type read, a data read and a CRC read per chunk), not three times more
+MAX_PNG_CHUNKS = 16_384 // 3
 
 #: Contract ``resize`` values (``contract.RESIZE_FILTERS``) -> Pillow filters.
 RESAMPLE_FILTERS: Mapping[str, Image.Resampling] = {
@@ -293,10 +296,11 @@ def _may_be_rotated(img: Image.Image) -> bool:
 
 def _check_png_chunks(data: bytes) -> None:
     """What Pillow's ``PngImageFile.verify`` checks, on the bytes: every chunk before ``IEND`` is whole,
-    has a valid type and a matching CRC (at most MAX_FILE_READS chunks, like the reads of a decode).
-    Raises :class:`ImageError` (``truncated`` or ``corrupt``, Pillow's messages)."""
+    has a valid type and a matching CRC (with ``ImageFile.LOAD_TRUNCATED_IMAGES`` off, as here). At most
+    :data:`MAX_PNG_CHUNKS`: Pillow's open and verify took ~3 counted reads a chunk. Raises
+    :class:`ImageError` (``truncated`` or ``corrupt``, Pillow's messages)."""
     view, pos = memoryview(data), len(_PNG_SIGNATURE)
-    for _ in range(MAX_FILE_READS):
+    for _ in range(MAX_PNG_CHUNKS):
         if pos + 4 > len(data):  # Pillow: a length needs its 4 bytes; a short type is a bad type
             raise ImageError("truncated", "image data is truncated: truncated PNG file")
         length, kind = int.from_bytes(view[pos:pos + 4], "big"), bytes(view[pos + 4:pos + 8])
@@ -312,7 +316,7 @@ def _check_png_chunks(data: bytes) -> None:
         if zlib.crc32(view[pos + 4:end]) != int.from_bytes(view[end:end + 4], "big"):
             raise ImageError("corrupt", f"image data is corrupt: broken PNG file (bad header checksum in {kind!r})")
         pos = end + 4
-    raise ImageError("corrupt", f"the file has too many chunks or markers (more than {MAX_FILE_READS} reads)")
+    raise ImageError("corrupt", f"the file has too many chunks (more than {MAX_PNG_CHUNKS})")
 
 
 def decode_image(data: bytes, channels: int, *, max_pixels: int = DEFAULT_MAX_PIXELS,

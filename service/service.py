@@ -476,10 +476,12 @@ class Slot:
         self.spec: PreprocessSpec = engine.spec  # read from the model's metadata (service.engine)
         self.budget = DecodeBudget.for_model(self.spec, CONFIG.max_image_pixels, CONFIG.max_request_pixels)
         warmup_ms = (description.get("batching") or {}).get("warmup_ms_per_image")
-        self.spreader = Spreader(engine, CONFIG.cpu_count, busy_board(), warmup_ms and warmup_ms / 1000,
+        # several workers with no board to see each other's calls: never split (they would oversubscribe)
+        cpus = CONFIG.cpu_count if CONFIG.workers == 1 or busy_board() is not None else 1
+        self.spreader = Spreader(engine, cpus, busy_board(), warmup_ms and warmup_ms / 1000,
                                  CONFIG.split_min_ms / 1000, on_call=CALL_CORES.observe)
         self.batcher = MicroBatcher(self.spreader.logits, CONFIG.max_batch_size, max_latency_ms,
-                                    on_batch=BATCH_SIZE.observe)
+                                    on_batch=BATCH_SIZE.observe, call_cores=lambda: self.spreader.cores_of_last_call)
         version = description.get("registry_version") or description.get("model_version")
         self.headers = {"X-Model-Version": str(version), "X-Model-Tag": str(description.get("model_tag"))}
         self.users = 0  # requests running on this slot

@@ -28,7 +28,7 @@ import os
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -40,6 +40,8 @@ __all__ = ["BusyBoard", "Spreader", "chunk_count"]
 BOARD_SLOTS = 256
 #: weight of the newest call in the running average of seconds per image
 EWMA_WEIGHT = 0.2
+#: calls of fewer images do not update it
+MIN_TIMED_IMAGES = 8
 
 
 def chunk_count(images: int, idle_cores: int, seconds_per_image: Optional[float], min_chunk_s: float) -> int:
@@ -53,9 +55,10 @@ def chunk_count(images: int, idle_cores: int, seconds_per_image: Optional[float]
 class BusyBoard:
     """Cores each worker's model call holds now: byte ``index`` of a small shared file, one per worker.
 
-    Advisory and lock-free: a reader may see a call that has just ended, which costs at most one
-    call run whole. A worker that dies mid-call leaves its byte set until its replacement (the same
-    index) clears it at start."""
+    Advisory and lock-free between workers: a reader may see a call that has just ended, which costs
+    at most one call run whole. Within a worker the byte is a count that every call adds its cores to
+    and takes them back from (two models' calls overlap during a swap). A worker that dies mid-call
+    leaves its byte set until its replacement (the same index) clears it at start."""
 
     def __init__(self, path: Path, index: int) -> None:
         if not 0 <= index < BOARD_SLOTS:
@@ -68,7 +71,8 @@ class BusyBoard:
             self._map = mmap.mmap(fd, BOARD_SLOTS)
         finally:
             os.close(fd)
-        self.hold(0)
+        self._held, self._lock = 0, threading.Lock()
+        self._map[self.index] = 0
 
     @classmethod
     def for_service(cls, name: str, index: Optional[int]) -> Optional["BusyBoard"]:
@@ -87,16 +91,20 @@ class BusyBoard:
             return None
 
     def hold(self, cores: int) -> None:
-        self._map[self.index] = min(255, max(0, cores))
+        """Add ``cores`` (negative: give them back) to this worker's count."""
+        with self._lock:
+            self._held = max(0, self._held + cores)
+            self._map[self.index] = min(255, self._held)
+
+    def remove(self) -> None:
+        """Delete the file when the service stops (the workers' mappings stay valid until they exit)."""
+        self.path.unlink(missing_ok=True)
 
     def others(self) -> int:
         """Cores held by the other workers' calls."""
         held = self._map[:]
         return sum(held) - held[self.index]
 
-    def remove(self) -> None:
-        """Delete the file (the service stops; the workers' mappings stay valid until they exit)."""
-        self.path.unlink(missing_ok=True)
 
 
 class Spreader:
@@ -110,8 +118,9 @@ class Spreader:
         self._on_call = on_call  # told the chunks of every call (the /metrics histogram)
         #: one core's seconds per image, from the warm-up until calls are timed (None: run whole)
         self.seconds_per_image = seconds_per_image
+        self.cores_of_last_call = 1  # the micro-batcher times calls in core-seconds (predicted as if whole)
         self._pool = ThreadPoolExecutor(self.cpus - 1, thread_name_prefix="model-chunk") if self.splits else None
-        self._lock = threading.Lock()  # one call at a time holds the board's byte (the micro-batcher's rule)
+        self._lock = threading.Lock()  # one call at a time (the micro-batcher's rule; tools may call from threads)
 
     @property
     def spec(self) -> Any:
@@ -121,10 +130,10 @@ class Spreader:
         return self.cpus - (self.board.others() if self.board is not None else 0)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        k = chunk_count(len(batch), self.idle_cores(), self.seconds_per_image, self.min_chunk_s) if self.splits else 1
-        if self._on_call is not None:
-            self._on_call(k)
         with self._lock:
+            # decided and held at once: the gap in which another worker could decide the same is short
+            k = chunk_count(len(batch), self.idle_cores(), self.seconds_per_image, self.min_chunk_s) if self.splits else 1
+            self.cores_of_last_call = k
             if self.board is not None:
                 self.board.hold(k)
             started = time.perf_counter()
@@ -132,8 +141,10 @@ class Spreader:
                 out = self._run(batch, k)
             finally:
                 if self.board is not None:
-                    self.board.hold(0)
+                    self.board.hold(-k)
             self._learn((time.perf_counter() - started) * k, len(batch))
+        if self._on_call is not None:
+            self._on_call(k)
         return out
 
     def _run(self, batch: np.ndarray, k: int) -> np.ndarray:
@@ -142,11 +153,14 @@ class Spreader:
         first, *rest = np.array_split(batch, k)
         assert self._pool is not None
         futures = [self._pool.submit(self.engine.logits, part) for part in rest]
-        head = self.engine.logits(first)  # this thread runs a chunk too
+        try:
+            head = self.engine.logits(first)  # this thread runs a chunk too
+        finally:
+            wait(futures)  # no chunk outlives the call (its cores are given back next)
         return np.concatenate([head, *(f.result() for f in futures)])
 
     def _learn(self, core_seconds: float, images: int) -> None:
-        if images < 1:
+        if images < MIN_TIMED_IMAGES:  # a call of a few images is mostly fixed cost, not per image
             return
         per_image = core_seconds / images
         if self.seconds_per_image is None:

@@ -51,7 +51,11 @@ def test_board_workers_see_each_others_calls(tmp_path):
     assert two.others() == 2 and one.others() == 0  # a worker does not count its own call
     two.hold(1)
     assert one.others() == 1 and two.others() == 2
-    one.hold(0)
+    one.hold(1)  # a second call in the same worker (a model swap): the counts add up
+    assert two.others() == 3
+    one.hold(-2)
+    assert two.others() == 1
+    one.hold(-1)
     assert two.others() == 0
     one.remove()
     assert not path.exists()
@@ -167,3 +171,53 @@ def test_a_lone_request_runs_on_both_cores_with_the_same_answers(tiny_onnx_model
         else:
             assert cores.get("+Inf", 0) - cores.get("1.0", 0) >= 3, cores  # every lone call on 2 cores
     assert answers["0.001"] == answers["0"]
+
+
+class Failing(Recorder):
+    """Its first chunk raises after the others started; they must end before the cores are given back."""
+
+    def __init__(self):
+        super().__init__()
+        self.finished = []
+
+    def logits(self, batch):
+        if batch[0, 0, 0, 0] == 0:
+            raise RuntimeError("model bug")
+        time.sleep(0.05)
+        self.finished.append(len(batch))
+        return np.asarray(batch).reshape(len(batch), -1)[:, :3]
+
+
+def test_a_failing_chunk_fails_the_call_only_after_every_chunk_ended(tmp_path):
+    mine, other = BusyBoard(tmp_path / "busy", 1), BusyBoard(tmp_path / "busy", 2)
+    engine = Failing()
+    spreader = Spreader(engine, cpus=4, board=mine, seconds_per_image=0.01, min_chunk_s=0.002)
+    with pytest.raises(RuntimeError, match="model bug"):
+        spreader.logits(np.arange(8 * 3, dtype=np.float32).reshape(8, 3, 1, 1))
+    assert engine.finished == [2, 2, 2] and other.others() == 0
+
+
+def test_the_overload_guess_counts_a_split_call_as_the_core_seconds_it_took():
+    import asyncio
+
+    from service.batcher import MicroBatcher
+
+    def infer(batch):
+        time.sleep(0.02)
+        return batch
+
+    async def one_call(cores):
+        batcher = MicroBatcher(infer, 8, 1000, call_cores=lambda: cores)
+        await batcher.submit(np.zeros((4, 1), np.float32))
+        batcher.close()
+        return batcher.predicted_wait_ms(4)
+
+    whole, split = asyncio.run(one_call(1)), asyncio.run(one_call(2))
+    assert split == pytest.approx(2 * whole, rel=0.3)  # under load the call runs whole again
+
+
+def test_non_finite_scores_are_an_error_not_null():
+    from service.postprocessing import predictions
+
+    with pytest.raises(ValueError, match="non-finite"):
+        predictions(np.array([[0.0, np.nan, 1.0]], np.float32), ["a", "b", "c"], 2)
