@@ -106,7 +106,6 @@ class BusyBoard:
         return sum(held) - held[self.index]
 
 
-
 class Spreader:
     """``logits(batch)`` of ``engine``, cut into chunks over the idle cores (the module's policy)."""
 
@@ -121,10 +120,6 @@ class Spreader:
         self.cores_of_last_call = 1  # the micro-batcher times calls in core-seconds (predicted as if whole)
         self._pool = ThreadPoolExecutor(self.cpus - 1, thread_name_prefix="model-chunk") if self.splits else None
         self._lock = threading.Lock()  # one call at a time (the micro-batcher's rule; tools may call from threads)
-
-    @property
-    def spec(self) -> Any:
-        return self.engine.spec
 
     def idle_cores(self) -> int:
         return self.cpus - (self.board.others() if self.board is not None else 0)
