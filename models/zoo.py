@@ -377,6 +377,55 @@ def vgg_2(in_channels, num_classes, image_size, dropout=0.5, init="vgg"):
     return _initialize(nn.Sequential(*layers, *_fc_head(128 * side * side, (256, 128), num_classes, dropout)), init)
 
 
+class ConvGroup(nn.Sequential):
+    """airbench's block: conv, 2x2 max-pool, BatchNorm, GELU, conv, BatchNorm, GELU (convs without bias)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.MaxPool2d(2),
+            nn.BatchNorm2d(out_channels), nn.GELU(),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.GELU(),
+        )
+
+
+class FlipAverage(nn.Module):
+    """`net`, and when not training the mean of its logits for the image and its mirror image (the
+    test-time flip of airbench): twice the inference cost, for images whose classes a mirror keeps."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        if self.training:
+            return self.net(x)
+        return 0.5 * (self.net(x) + self.net(torch.flip(x, dims=(3,))))
+
+
+@register_model
+def airbench(in_channels, num_classes, image_size, widths=(64, 256, 256), flip_tta=False):
+    """Keller Jordan's airbench94 network (2024): a 2x2 stem conv (24 channels), three ConvGroups, a
+    global max-pool (airbench's 3x3 pool of the 3x3 map at 28 and 32 px: 31 -> 15 -> 7 -> 3) and a
+    bias-free linear classifier. Without airbench's whitening init and lookahead: the training loop is
+    the project's. `widths` (64, 256, 256) as published; (32, 128, 128) costs about a quarter of the
+    MACs. `flip_tta`: airbench's test-time flip (FlipAverage), in evaluation and in the ONNX file.
+    """
+    widths = tuple(widths)
+    if len(widths) != 3 or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
+        raise ValueError(f"airbench widths must be three positive integers, got {widths!r}")
+    if _conv_out(image_size, 2) // 2 // 2 // 2 < 1:
+        raise ValueError(f"airbench needs inputs of at least 9 px (a 2x2 stem, three 2x2 pools), got {image_size}")
+    if not isinstance(flip_tta, bool):
+        raise ValueError(f"airbench flip_tta must be true or false, got {flip_tta!r}")
+    net = nn.Sequential(
+        nn.Conv2d(in_channels, 24, 2), nn.GELU(),
+        ConvGroup(24, widths[0]), ConvGroup(widths[0], widths[1]), ConvGroup(widths[1], widths[2]),
+        nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+        nn.Linear(widths[2], num_classes, bias=False),
+    )
+    return FlipAverage(net) if flip_tta else net
+
+
 # --- torchvision's own VGG-16 and ResNet-18, adapted as the tutorial did ---------------------------------
 
 class Resize(nn.Module):

@@ -85,12 +85,34 @@ def _torchvision_idx_class(name: str):
     return {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}[name]
 
 
-def stage_idx_from_mirror(name: str, mirror: Path, raw_root: Path) -> str:
-    """Decompress the mirror's IDX .gz files to where torchvision looks, verifying each checksum."""
+MIRROR_CHECKSUMS = "MD5SUMS"  # in a mirror's dataset folder: `md5sum` lines for IDX files of its own
+
+
+def mirror_checksums(folder: Path) -> dict[str, str]:
+    """The decompressed files' MD5s a mirror lists in its MD5SUMS (`md5sum` format), if it has one: a
+    mirror of files other than the published ones (a subset, IDX data of your own) says so there."""
+    listing = folder / MIRROR_CHECKSUMS
+    if not listing.is_file():
+        return {}
+    sums = {}
+    for number, line in enumerate(listing.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        digest, _, name = line.strip().partition(" ")
+        if len(digest) != 32 or not name.strip():
+            raise DownloadError(f"DATA_MIRROR: {listing} line {number} is not `<md5>  <file name>`: {line!r}")
+        sums[name.strip().lstrip("*")] = digest.lower()
+    return sums
+
+
+def stage_idx_from_mirror(name: str, mirror: Path, raw_root: Path) -> tuple[str, str]:
+    """Decompress the mirror's IDX .gz files to where torchvision looks, verifying each checksum: the
+    published one, or the mirror's own MD5SUMS (then the card's notes say so). (source, notes)."""
     cls = _torchvision_idx_class(name)
     folder = mirror / name
     raw = raw_root / cls.__name__ / "raw"
     raw.mkdir(parents=True, exist_ok=True)
+    listed, own = mirror_checksums(folder), []
     for gz_name, gz_md5 in cls.resources:
         src = folder / gz_name
         if not src.is_file():
@@ -103,16 +125,25 @@ def stage_idx_from_mirror(name: str, mirror: Path, raw_root: Path) -> str:
         stem = gz_name.removesuffix(".gz")
         expected = IDX_MD5.get(name, {}).get(stem)
         if md5_of(data) != expected and md5_of(packed) != gz_md5:
-            raise DownloadError(f"DATA_MIRROR: {src} failed its checksum (md5 of contents {md5_of(data)}, "
-                                f"expected {expected or gz_md5}); the file is corrupt or not {name}")
+            if stem not in listed:
+                raise DownloadError(f"DATA_MIRROR: {src} failed its checksum (md5 of contents {md5_of(data)}, "
+                                    f"expected {expected or gz_md5}); the file is corrupt or not {name} (files "
+                                    f"of your own: list their decompressed MD5s in {folder / MIRROR_CHECKSUMS})")
+            if md5_of(data) != listed[stem]:
+                raise DownloadError(f"DATA_MIRROR: {src} failed its checksum (md5 of contents {md5_of(data)}, "
+                                    f"{folder / MIRROR_CHECKSUMS} lists {listed[stem]}); the file is corrupt")
+            own.append(stem)
         atomic.write_bytes(raw / stem, data)
-    return str(folder)
+    notes = (f"not the published {name} files: {', '.join(own)} verified against the mirror's "
+             f"{MIRROR_CHECKSUMS}" if own else "")
+    return str(folder), notes
 
 
 def load_idx_dataset(name: str, raw_root: Path, mirror: Path | None) -> Dataset:
     cls = _torchvision_idx_class(name)
+    notes = ""
     if mirror is not None:
-        source = stage_idx_from_mirror(name, mirror, raw_root)
+        source, notes = stage_idx_from_mirror(name, mirror, raw_root)
     else:
         source = f"{cls.mirrors[0]}{cls.resources[0][0]}"
         try:
@@ -124,7 +155,7 @@ def load_idx_dataset(name: str, raw_root: Path, mirror: Path | None) -> Dataset:
         ds = cls(str(raw_root), train=train, download=False)
         splits[split] = Split(ds.data.numpy()[:, None].copy(), ds.targets.numpy().astype(np.int64))
     classes = [str(i) for i in range(10)] if name == "mnist" else list(cls.classes)
-    return Dataset(name, classes, splits["train"], splits["test"], source)
+    return Dataset(name, classes, splits["train"], splits["test"], source, notes)
 
 
 # --- image folders (ImageFolder layout) and CIFAR-10 ----------------------------------------------

@@ -25,8 +25,10 @@ from .serving import CHAMPION, ServingError, sync_alias
 
 def build_bento(entry: dict, alias: str) -> str:
     """`bentoml build` pinned to the store entry ``entry["tag"]`` (the build imports the service with
-    CLASSIFIER_MODEL_VERSION set, so its model reference is that version); the Bento's tag."""
-    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "CLASSIFIER_MODEL_VERSION": entry["tag"].split(":", 1)[1]}
+    CLASSIFIER_MODEL_NAME and CLASSIFIER_MODEL_VERSION set, so its model reference is that model, e.g.
+    CIFAR-10's); the Bento's tag."""
+    name, version = entry["tag"].split(":", 1)
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "CLASSIFIER_MODEL_NAME": name, "CLASSIFIER_MODEL_VERSION": version}
     labels = {"model_tag": entry["tag"], "registry_version": entry["registry_version"], "built_from_alias": alias}
     cmd = [bentoml_executable() or "bentoml", "build", "-o", "tag",
            *[arg for key, value in labels.items() for arg in ("--label", f"{key}={value}")], str(REPO_ROOT)]

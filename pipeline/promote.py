@@ -75,6 +75,17 @@ def gate(best: Candidate, champion_version: str | None, champion_metric: float |
                         f"by more than the margin {margin}")
 
 
+def dataset_conflict(name: str, versions: list[dict], dataset: str) -> str | None:
+    """Why a `dataset` model may not join registered model `name`, if its versions are of another
+    dataset: the gate would compare accuracies on different test sets and the service would serve a
+    CIFAR-10 model to digit clients. None when they agree (or there are no versions yet)."""
+    others = sorted({v["tags"]["dataset"] for v in versions if v["tags"].get("dataset", dataset) != dataset})
+    if not others:
+        return None
+    return (f"registered model {name!r} holds {', '.join(others)} models; this {dataset} model needs its own: "
+            f"set promote.registered_model to another name (as cifar10/params.yaml does)")
+
+
 def champion_stack(entries: list[dict]) -> list[str]:
     """The champions a rollback walks back through, replayed from the audit trail (so the trail is
     the only state: nothing can disagree with it): a promotion pushes, a rollback pops."""
@@ -183,10 +194,13 @@ def register_export(name: str, export_json: Path, experiment: str) -> tuple[str,
     report = json.loads(export_json.read_text())
     if not report.get("passed"):
         raise PromotionError(f"{export_json}: the export did not pass its parity gate")
-    for v in tracking.list_versions(name):
+    meta = report["metadata"]
+    versions = tracking.list_versions(name)
+    if conflict := dataset_conflict(name, versions, meta["dataset"]):
+        raise PromotionError(conflict)
+    for v in versions:
         if v["tags"].get("onnx_sha256") == report["onnx_sha256"]:
             return v["version"], report
-    meta = report["metadata"]
     run_id = meta["mlflow_run_id"]
     training = tracking.run_metrics(run_id)
     if not tracking.run_exists(run_id):  # the export came from DVC's cache, made against another store

@@ -91,12 +91,13 @@ except NoModelForAlias as _err:  # importable (tests, tooling); a worker refuses
 def worker_selection() -> Optional[Selection]:
     """In a worker: a built Bento's own model (BentoML sets ``Service.bento`` when it serves one, but
     re-resolves only Hugging Face model references to the Bento's versions, so this one is ours to
-    pin), else the import-time selection."""
+    pin): the one named CLASSIFIER_MODEL_NAME, else the Bento's only model (a CIFAR-10 Bento serves
+    its model without CLASSIFIER_MODEL_NAME set); else the import-time selection."""
     bento = getattr(Classifier, "bento", None)
-    tags = [str(m.tag) for m in getattr(getattr(bento, "info", None), "all_models", []) or []
-            if m.tag.name == CONFIG.model_name]
-    if tags:
-        return select_model(CONFIG.model_name, "", CONFIG.model_alias, tags[0], {})
+    models = [m.tag for m in getattr(getattr(bento, "info", None), "all_models", []) or []]
+    named = [tag for tag in models if tag.name == CONFIG.model_name] or (models if len(models) == 1 else [])
+    if named:
+        return select_model(named[0].name, "", CONFIG.model_alias, str(named[0]), {})
     return SELECTION
 
 

@@ -25,7 +25,8 @@ def scratch_registry():
 def test_the_zoo_is_registered():
     assert {"mlp", "lenet5", "cnn", "inception", "resnet", "resnet20", "vgg"} <= set(list_models())
     tutorials = {"mlp_dropout", "mlp5", "lenet5_avgpool", "cnn_dropout", "cnn_3conv", "cnn_3x3", "resnet_small",
-                 "resnet_small_scaled", "resnet_small_conv1x1", "vgg_2", "torchvision_vgg16", "torchvision_resnet18"}
+                 "resnet_small_scaled", "resnet_small_conv1x1", "vgg_2", "torchvision_vgg16", "torchvision_resnet18",
+                 "airbench"}
     assert tutorials <= set(list_models())
     assert list_models() == sorted(list_models())
 

@@ -212,6 +212,43 @@ def test_vgg_2_layers():
     assert params("vgg_2", "1x28x28") == 1_899_850 and params("vgg_2", "3x32x32") == 2_392_522
 
 
+# --- airbench -------------------------------------------------------------------------------------------
+
+def test_airbench_layers():
+    model = create_model("airbench", 3, 10, 32)
+    group = ["Conv2d", "MaxPool2d", "BatchNorm2d", "GELU", "Conv2d", "BatchNorm2d", "GELU"]
+    assert types(model) == ["Conv2d", "GELU"] + ["ConvGroup"] * 3 + ["AdaptiveMaxPool2d", "Flatten", "Linear"]
+    assert all(types(model[i]) == group for i in (2, 3, 4))
+    assert convs(model) == [(3, 24, 2, 0), (24, 64, 3, 1), (64, 64, 3, 1), (64, 256, 3, 1), (256, 256, 3, 1),
+                            (256, 256, 3, 1), (256, 256, 3, 1)]
+    assert linears(model) == [(256, 10)] and model[-1].bias is None
+    assert params("airbench", "3x32x32") == 1_972_792 and params("airbench", "1x28x28") == 1_972_600
+    assert params("airbench", "3x32x32", widths=[32, 128, 128]) == 498_104
+    for size in (28, 32):  # the last group's map is 3x3 at both sizes: airbench's 3x3 pool is the global one
+        trunk = create_model("airbench", 1, 10, size)[:-3]
+        assert trunk(torch.zeros(1, 1, size, size)).shape[-2:] == (3, 3)
+    with pytest.raises(ValueError, match="three positive integers"):
+        create_model("airbench", 3, 10, 32, widths=[32, 0, 128])
+    with pytest.raises(ValueError, match="at least 9 px"):
+        create_model("airbench", 3, 10, 8)
+    with pytest.raises(ValueError, match="flip_tta must be true or false"):
+        create_model("airbench", 3, 10, 32, flip_tta="yes")
+
+
+def test_airbench_flip_tta_averages_the_mirror_image_when_evaluating():
+    torch.manual_seed(0)
+    model = create_model("airbench", 3, 10, 32, widths=[8, 16, 16], flip_tta=True)
+    x = torch.randn(4, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        plain, mirrored = model.net(x), model.net(x.flip(3))
+        torch.testing.assert_close(model(x), (plain + mirrored) / 2)
+        torch.testing.assert_close(model(x.flip(3)), model(x))  # a mirror image gets the same answer
+    model.train()
+    torch.testing.assert_close(model(x), model.net(x))  # training sees each image once
+    assert count_parameters(model) == params("airbench", "3x32x32", widths=[8, 16, 16])
+
+
 def test_vgg_2_initialization_statistics():
     torch.manual_seed(0)
     model = create_model("vgg_2", 3, 10, 32)
