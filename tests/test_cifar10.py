@@ -53,22 +53,14 @@ def test_a_registered_model_takes_one_dataset():
 
 # --- end to end -----------------------------------------------------------------------------------------
 
-CODE = ("pipeline", "models", "service", "data/images", "dvc.yaml", "bentofile.yaml", "pyproject.toml", ".dvcignore",
-        ".gitignore")
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    from tests.test_experiments import Repo
+    from tests.test_experiments import Repo, copy_code
 
     if not (mirror_path() / CIFAR_TARBALL).is_file():
         pytest.skip(f"the data mirror {mirror_path()} has no {CIFAR_TARBALL}")
     path = tmp_path_factory.mktemp("cifar-repo")
-    for name in CODE:
-        src = REPO_ROOT / name
-        (path / name).parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree(src, path / name, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir()
-         else shutil.copy2(src, path / name))
+    copy_code(path)
     shutil.copytree(CIFAR_DIR, path / "cifar10", symlinks=True,
                     ignore=shutil.ignore_patterns("data", "outputs", "exports", "release", "checkpoints", "dvc.lock"))
     mnist = repo_params()
@@ -82,10 +74,7 @@ def repo(tmp_path_factory):
     cifar["models"] = {"airbench": {"kwargs": {"widths": [8, 16, 16]}}}
     (path / "cifar10" / "params.yaml").write_text(yaml.safe_dump(cifar, sort_keys=False))
     repo = Repo(path, tmp_path_factory.mktemp("cifar-bentoml"))
-    repo.git("init", "-q")
-    repo.dvc("init", "-q")
-    repo.git("add", "-A")
-    repo.git("commit", "-qm", "project")
+    repo.init_and_commit()
     repo.dvc("repro")
     repo.dvc("repro", "cifar10/dvc.yaml")
     return repo

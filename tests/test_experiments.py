@@ -82,6 +82,13 @@ class Repo:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.dvc("queue", "stop", "--kill", check=False, timeout=120)
 
+    def init_and_commit(self) -> None:
+        """git init + dvc init, everything committed as the first commit."""
+        self.git("init", "-q")
+        self.dvc("init", "-q")
+        self.git("add", "-A")
+        self.git("commit", "-qm", "project")
+
     def git(self, *args: str) -> str:
         return self.run("git", *args).stdout
 
@@ -98,25 +105,26 @@ class Repo:
         return dict(rows)
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Iterator[Repo]:
-    path = tmp_path_factory.mktemp("exp-repo")
-    for name in CODE:
+def copy_code(path: Path) -> None:
+    """The project's code (CODE, no bytecode) and its .gitignore into `path`, as a user's checkout has them."""
+    for name in (*CODE, ".gitignore"):
         src = REPO_ROOT / name
         (path / name).parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree(src, path / name, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir()
          else shutil.copy2(src, path / name))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Iterator[Repo]:
+    path = tmp_path_factory.mktemp("exp-repo")
+    copy_code(path)
     params = repo_params()
     params["data"].update(dataset="mnist", limit=400)
     params["train"].update(experiment="exp-tests", batch_size=64, device="cpu")
     params["models"] = {"mlp": {"epochs": 1, "lr": 0.01}}
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (path / ".gitignore").write_text((REPO_ROOT / ".gitignore").read_text())
     repo = Repo(path, tmp_path_factory.mktemp("exp-bentoml"))
-    repo.git("init", "-q")
-    repo.dvc("init", "-q")
-    repo.git("add", "-A")
-    repo.git("commit", "-qm", "project")
+    repo.init_and_commit()
     repo.dvc("repro")
     repo.git("add", "-A")
     repo.git("commit", "-qm", "baseline")
