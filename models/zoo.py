@@ -377,15 +377,82 @@ def vgg_2(in_channels, num_classes, image_size, dropout=0.5, init="vgg"):
     return _initialize(nn.Sequential(*layers, *_fc_head(128 * side * side, (256, 128), num_classes, dropout)), init)
 
 
+class WhiteningConv(nn.Conv2d):
+    """airbench's first layer: a 2x2 conv whose 2 * C * 4 filters are the eigenvectors of the 2x2
+    patch covariance of the training images, each divided by the square root of its eigenvalue + eps
+    (PCA whitening), and their negatives; the filters are frozen, the bias trains.
+
+    The filters are set from the first batch the layer sees in training (airbench uses 5,000 training
+    images; a batch of 256 32x32 images is 246,016 patches for a 12x12 covariance), so the model
+    factory needs no data and the training loop no hook. `whitened` is a buffer: checkpoints keep it,
+    and a resumed run does not re-whiten. Under DDP rank 0's filters are broadcast."""
+
+    def __init__(self, in_channels: int, kernel_size: int = 2, eps: float = 5e-4):
+        super().__init__(in_channels, 2 * in_channels * kernel_size ** 2, kernel_size, bias=True)
+        self.weight.requires_grad_(False)
+        nn.init.zeros_(self.bias)
+        self.eps = eps
+        self.register_buffer("whitened", torch.tensor(False))
+
+    def forward(self, x):
+        if self.training and not bool(self.whitened):
+            self.whiten(x)
+        return super().forward(x)
+
+    @torch.no_grad()
+    def whiten(self, x: torch.Tensor) -> None:
+        c, (kh, kw) = x.shape[1], self.kernel_size
+        patches = x.detach().double().unfold(2, kh, 1).unfold(3, kw, 1)  # [B, C, H', W', kh, kw]
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * kh * kw)  # (c, kh, kw) order, as the weight
+        eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))  # ascending
+        filters = (eigenvectors.T / torch.sqrt(eigenvalues.clamp(min=0) + self.eps)[:, None]).flip(0)
+        self.weight.copy_(torch.cat((filters, -filters)).reshape(self.weight.shape))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast(self.weight.data, 0)
+        self.whitened.fill_(True)
+
+
+class AirbenchBatchNorm(nn.BatchNorm2d):
+    """airbench's BatchNorm: no learned scale (the weight stays 1), running statistics that follow
+    the batches fast (PyTorch momentum 0.4: airbench's 0.6 in the other convention), eps 1e-12, and a
+    bias that learns 64x faster than the other parameters under SGD: the parameter holds bias / 8,
+    and one SGD step on it moves the bias 8 * 8 = 64 times as far (airbench's `bias_scaler`, without
+    an optimizer group of its own). Exports as one ONNX BatchNormalization."""
+
+    BIAS_SCALE = 8.0
+
+    def __init__(self, num_features: int):
+        super().__init__(num_features, eps=1e-12, momentum=0.4)
+        self.weight.requires_grad_(False)
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias * self.BIAS_SCALE,
+                            self.training, self.momentum, self.eps)
+
+
 class ConvGroup(nn.Sequential):
-    """airbench's block: conv, 2x2 max-pool, BatchNorm, GELU, conv, BatchNorm, GELU (convs without bias)."""
+    """airbench's block: conv, 2x2 max-pool, BatchNorm, GELU, conv, BatchNorm, GELU (convs without
+    bias). As airbench, each conv's first `in_channels` filters start as the identity (dirac)."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(
             nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.MaxPool2d(2),
-            nn.BatchNorm2d(out_channels), nn.GELU(),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.GELU(),
+            AirbenchBatchNorm(out_channels), nn.GELU(),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), AirbenchBatchNorm(out_channels), nn.GELU(),
         )
+        for conv in (self[0], self[4]):
+            nn.init.dirac_(conv.weight.data[:conv.in_channels])
+
+
+class Scale(nn.Module):
+    """x * factor: airbench's 1/9 on the logits (the classifier's outputs start small)."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
 
 
 class FlipAverage(nn.Module):
@@ -404,11 +471,13 @@ class FlipAverage(nn.Module):
 
 @register_model
 def airbench(in_channels, num_classes, image_size, widths=(64, 256, 256), flip_tta=False):
-    """Keller Jordan's airbench94 network (2024): a 2x2 stem conv (24 channels), three ConvGroups, a
-    global max-pool (airbench's 3x3 pool of the 3x3 map at 28 and 32 px: 31 -> 15 -> 7 -> 3) and a
-    bias-free linear classifier. Without airbench's whitening init and lookahead: the training loop is
-    the project's. `widths` (64, 256, 256) as published; (32, 128, 128) costs about a quarter of the
-    MACs. `flip_tta`: airbench's test-time flip (FlipAverage), in evaluation and in the ONNX file.
+    """Keller Jordan's airbench94 network (2024): a 2x2 whitening conv (2 * C * 4 frozen filters,
+    WhiteningConv), three ConvGroups (dirac init, AirbenchBatchNorm), a global max-pool (airbench's
+    3x3 pool of the 3x3 map at 28 and 32 px: 31 -> 15 -> 7 -> 3), a bias-free linear classifier and
+    the 1/9 logit scale. The training loop is the project's: no lookahead, no alternating flip, no
+    multi-crop test-time augmentation. `widths` (64, 256, 256) as published; (32, 128, 128) costs
+    about a quarter of the MACs. `flip_tta`: airbench's test-time flip (FlipAverage), in evaluation
+    and in the ONNX file.
     """
     widths = tuple(widths)
     if len(widths) != 3 or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
@@ -417,11 +486,12 @@ def airbench(in_channels, num_classes, image_size, widths=(64, 256, 256), flip_t
         raise ValueError(f"airbench needs inputs of at least 9 px (a 2x2 stem, three 2x2 pools), got {image_size}")
     if not isinstance(flip_tta, bool):
         raise ValueError(f"airbench flip_tta must be true or false, got {flip_tta!r}")
+    stem = WhiteningConv(in_channels)
     net = nn.Sequential(
-        nn.Conv2d(in_channels, 24, 2), nn.GELU(),
-        ConvGroup(24, widths[0]), ConvGroup(widths[0], widths[1]), ConvGroup(widths[1], widths[2]),
+        stem, nn.GELU(),
+        ConvGroup(stem.out_channels, widths[0]), ConvGroup(widths[0], widths[1]), ConvGroup(widths[1], widths[2]),
         nn.AdaptiveMaxPool2d(1), nn.Flatten(),
-        nn.Linear(widths[2], num_classes, bias=False),
+        nn.Linear(widths[2], num_classes, bias=False), Scale(1 / 9),
     )
     return FlipAverage(net) if flip_tta else net
 

@@ -81,9 +81,11 @@ def repo(tmp_path_factory):
 
 
 def registered(repo) -> dict[str, str]:
-    """registered model -> its champion's version, from the repo's one MLflow store"""
+    """registered model -> its champion's version (as MLflow's client spells it, a string), from the
+    repo's one MLflow store"""
     with sqlite3.connect(repo.path / "mlflow.db") as con:
-        return dict(con.execute("SELECT name, version FROM registered_model_aliases WHERE alias = 'champion'"))
+        rows = con.execute("SELECT name, version FROM registered_model_aliases WHERE alias = 'champion'")
+        return {name: str(version) for name, version in rows}
 
 
 def one_cifar_jpeg() -> tuple[str, bytes]:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import count_parameters, create_model, list_models
-from models.zoo import FixedAdaptiveAvgPool, ResidualBlock, Resize
+from models.zoo import AirbenchBatchNorm, FixedAdaptiveAvgPool, ResidualBlock, Resize
 
 SHAPES = {"1x28x28": (1, 28), "3x32x32": (3, 32)}
 
@@ -216,23 +216,78 @@ def test_vgg_2_layers():
 
 def test_airbench_layers():
     model = create_model("airbench", 3, 10, 32)
-    group = ["Conv2d", "MaxPool2d", "BatchNorm2d", "GELU", "Conv2d", "BatchNorm2d", "GELU"]
-    assert types(model) == ["Conv2d", "GELU"] + ["ConvGroup"] * 3 + ["AdaptiveMaxPool2d", "Flatten", "Linear"]
+    group = ["Conv2d", "MaxPool2d", "AirbenchBatchNorm", "GELU", "Conv2d", "AirbenchBatchNorm", "GELU"]
+    assert types(model) == (["WhiteningConv", "GELU"] + ["ConvGroup"] * 3
+                            + ["AdaptiveMaxPool2d", "Flatten", "Linear", "Scale"])
     assert all(types(model[i]) == group for i in (2, 3, 4))
     assert convs(model) == [(3, 24, 2, 0), (24, 64, 3, 1), (64, 64, 3, 1), (64, 256, 3, 1), (256, 256, 3, 1),
                             (256, 256, 3, 1), (256, 256, 3, 1)]
-    assert linears(model) == [(256, 10)] and model[-1].bias is None
-    assert params("airbench", "3x32x32") == 1_972_792 and params("airbench", "1x28x28") == 1_972_600
-    assert params("airbench", "3x32x32", widths=[32, 128, 128]) == 498_104
+    assert convs(create_model("airbench", 1, 10, 28))[0] == (1, 8, 2, 0)  # 2 * C * 2 * 2 whitening filters
+    assert linears(model) == [(256, 10)] and model[-2].bias is None and model[-1].factor == 1 / 9
+    assert params("airbench", "3x32x32") == 1_971_352 and params("airbench", "1x28x28") == 1_962_120  # trainable
+    assert params("airbench", "3x32x32", widths=[32, 128, 128]) == 497_240
     for size in (28, 32):  # the last group's map is 3x3 at both sizes: airbench's 3x3 pool is the global one
-        trunk = create_model("airbench", 1, 10, size)[:-3]
+        trunk = create_model("airbench", 1, 10, size)[:-4]
         assert trunk(torch.zeros(1, 1, size, size)).shape[-2:] == (3, 3)
     with pytest.raises(ValueError, match="three positive integers"):
         create_model("airbench", 3, 10, 32, widths=[32, 0, 128])
     with pytest.raises(ValueError, match="at least 9 px"):
-        create_model("airbench", 3, 10, 8)
+        create_model("airbench", 3, 10, 32 // 4)
     with pytest.raises(ValueError, match="flip_tta must be true or false"):
         create_model("airbench", 3, 10, 32, flip_tta="yes")
+
+
+def correlated_images(n: int = 32, channels: int = 3, size: int = 32) -> torch.Tensor:
+    """Noise blurred along the width and mixed across channels: 2x2 patches far from white."""
+    x = torch.randn(n, channels, size, size, generator=torch.Generator().manual_seed(0))
+    x = x + torch.roll(x, 1, dims=3) + 0.5 * x.mean(dim=1, keepdim=True)
+    return x
+
+
+def test_airbench_whitens_its_stem_from_the_first_training_batch():
+    torch.manual_seed(0)
+    model = create_model("airbench", 3, 10, 32, widths=[8, 16, 16])
+    stem, x = model[0], correlated_images()
+    assert not stem.weight.requires_grad and stem.bias.requires_grad  # frozen filters, a trained bias
+    model.eval()
+    model(x)
+    assert not stem.whitened  # evaluating an untrained net changes nothing
+    model.train()
+    model(x)
+    assert stem.whitened
+    with torch.no_grad():  # the first 12 filters' outputs on these patches: unit variance, uncorrelated
+        z = F.conv2d(x, stem.weight[:12]).permute(0, 2, 3, 1).reshape(-1, 12)
+        covariance = z.T @ z / len(z)
+    torch.testing.assert_close(covariance, torch.eye(12), atol=2e-3, rtol=0)
+    torch.testing.assert_close(stem.weight[12:], -stem.weight[:12])
+    whitened = stem.weight.clone()
+    model(torch.randn(8, 3, 32, 32))  # later batches leave the filters alone
+    torch.testing.assert_close(stem.weight, whitened)
+    fresh = create_model("airbench", 3, 10, 32, widths=[8, 16, 16])
+    fresh.load_state_dict(model.state_dict())  # a checkpoint keeps the filters and the flag
+    assert fresh[0].whitened and torch.equal(fresh[0].weight, whitened)
+
+
+def test_airbench_groups_start_as_identity_convs():
+    group = create_model("airbench", 3, 10, 32, widths=[8, 16, 16])[2]  # 24 -> 8 channels, then 8 -> 8
+    x = torch.randn(2, 24, 16, 16)
+    torch.testing.assert_close(group[4](x[:, :8]), x[:, :8])  # in == out: the whole conv is the identity
+    torch.testing.assert_close(F.conv2d(x, group[0].weight), x[:, :8, 1:-1, 1:-1])  # the first 8 of 24 pass through
+
+
+def test_airbench_batchnorm_bias_learns_64x_faster_under_sgd():
+    torch.manual_seed(0)
+    x, target = torch.randn(16, 4, 5, 5), torch.randn(16, 4, 5, 5)
+    steps = []
+    for norm, scale in ((nn.BatchNorm2d(4, eps=1e-12), 1), (AirbenchBatchNorm(4), AirbenchBatchNorm.BIAS_SCALE)):
+        opt = torch.optim.SGD([norm.bias], lr=1e-3)
+        ((norm(x) - target) ** 2).mean().backward()
+        opt.step()
+        steps.append(norm.bias.detach() * scale)  # the bias the layer adds, after one step from 0
+    assert steps[0].abs().min() > 0
+    torch.testing.assert_close(steps[1], 64 * steps[0])
+    bn = AirbenchBatchNorm(4)
+    assert not bn.weight.requires_grad and bn.momentum == 0.4 and bn.eps == 1e-12
 
 
 def test_airbench_flip_tta_averages_the_mirror_image_when_evaluating():
