@@ -79,3 +79,11 @@ def workers(proc: subprocess.Popen) -> dict[str, list]:
         if "--service-name" in cmd:
             out.setdefault(cmd[cmd.index("--service-name") + 1], []).append(child)
     return out
+
+
+def per_model(meta: dict) -> dict:
+    """/metadata less what each of the service's workers measures or stamps for itself (two requests
+    may meet two workers): the warm-up cost per image and the second the model was loaded."""
+    batching = {k: v for k, v in meta["batching"].items() if k != "warmup_ms_per_image"}
+    serving = {k: v for k, v in meta["serving"].items() if k != "loaded_at"}
+    return {**meta, "batching": batching, "serving": serving}
