@@ -393,11 +393,18 @@ class WhiteningConv(nn.Conv2d):
         nn.init.zeros_(self.bias)
         self.eps = eps
         self.register_buffer("whitened", torch.tensor(False))
+        self._whitened_known = False  # the buffer read once: bool() of a CUDA tensor syncs the device
 
     def forward(self, x):
-        if self.training and not bool(self.whitened):
-            self.whiten(x)
+        if self.training and not self._whitened_known:
+            if not bool(self.whitened):
+                self.whiten(x)
+            self._whitened_known = True
         return super().forward(x)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._whitened_known = False  # the loaded flag decides again
+        super()._load_from_state_dict(*args, **kwargs)
 
     @torch.no_grad()
     def whiten(self, x: torch.Tensor) -> None:

@@ -232,7 +232,7 @@ def test_airbench_layers():
     with pytest.raises(ValueError, match="three positive integers"):
         create_model("airbench", 3, 10, 32, widths=[32, 0, 128])
     with pytest.raises(ValueError, match="at least 9 px"):
-        create_model("airbench", 3, 10, 32 // 4)
+        create_model("airbench", 3, 10, 8)
     with pytest.raises(ValueError, match="flip_tta must be true or false"):
         create_model("airbench", 3, 10, 32, flip_tta="yes")
 
@@ -266,6 +266,12 @@ def test_airbench_whitens_its_stem_from_the_first_training_batch():
     fresh = create_model("airbench", 3, 10, 32, widths=[8, 16, 16])
     fresh.load_state_dict(model.state_dict())  # a checkpoint keeps the filters and the flag
     assert fresh[0].whitened and torch.equal(fresh[0].weight, whitened)
+    fresh.train()
+    fresh(torch.randn(8, 3, 32, 32))  # a resumed run does not re-whiten
+    assert torch.equal(fresh[0].weight, whitened)
+    model.load_state_dict(create_model("airbench", 3, 10, 32, widths=[8, 16, 16]).state_dict())
+    model(x)  # an unwhitened state loaded into a whitened model: whitened again from the next batch
+    assert model[0].whitened and torch.allclose(model[0].weight, whitened)
 
 
 def test_airbench_groups_start_as_identity_convs():
